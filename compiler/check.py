@@ -1,0 +1,455 @@
+"""The checker: evaluates a recipe's AST into symbolic models and the outputs to write.
+
+Everything short of reading tensor data is checked here: names, arity, parameter
+types and ranges (through each operator's pydantic schema, per tensor), that every
+checkpoint exists and that the tensors merged together agree in name and shape
+(from safetensors headers). Errors are collected across statements and raised together.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mgc.stdlib import OPERATORS
+
+from . import ast
+from .errors import (
+    CheckpointError, MgcError, MgcErrors, RecipeNameError, RecipeTypeError, Span, did_you_mean,
+)
+from .layers import count_layers
+from .params import bind, resolve_all, unmatched_selectors
+from .values import (
+    Bool, CheckpointModel, Function, LayerRange, ListV, ModelValue, Num, OpModel, Selector, StackModel,
+    Str, TableV, TensorSpec, Value, WithModel, kind_of, stack_sources,
+)
+
+BUILTINS = ("model", "ramp", "stack")
+CONSTANTS = {"true": True, "false": False}
+SAVE_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "f16": torch.float16,
+    "float16": torch.float16, "fp32": torch.float32, "f32": torch.float32, "float32": torch.float32,
+}
+SAVE_OPTIONS = ("dtype", "shard", "tokenizer")
+DEFAULT_SHARD = 5 * 10**9
+
+
+@dataclass
+class SaveSpec:
+    model: ModelValue
+    path: Path
+    dtype: Optional[torch.dtype]  # None: each tensor keeps its source dtype
+    shard_bytes: int
+    tokenizer: Optional[CheckpointModel]
+    span: Span
+
+
+@dataclass
+class Program:
+    """A checked recipe: the outputs to write and every checkpoint it opened."""
+
+    saves: list[SaveSpec]
+    checkpoints: dict[Path, object] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+
+
+class _Poisoned(Exception):
+    """A name whose definition already failed: its uses report nothing more."""
+
+
+class Checker:
+    def __init__(self, recipe: ast.Recipe, allow_pickle: bool = False, base_dir: Optional[Path] = None):
+        self.recipe = recipe
+        self.allow_pickle = allow_pickle
+        self.base_dir = base_dir or Path.cwd()
+        self.globals: dict[str, Value] = {}
+        self.poisoned: set[str] = set()
+        self.defs: dict[str, ast.Def] = {}
+        self.checkpoints: dict[Path, object] = {}
+        self.errors: list[MgcError] = []
+        self.used: set[str] = set()
+
+    def run(self) -> Program:
+        for stmt in self.recipe.statements:
+            if isinstance(stmt, ast.Def):
+                self._define(stmt)
+        saves: list[SaveSpec] = []
+        for stmt in self.recipe.statements:
+            try:
+                if isinstance(stmt, ast.Assign):
+                    self.poisoned.discard(stmt.name)
+                    self.globals[stmt.name] = self.eval(stmt.value, {}, ())
+                elif isinstance(stmt, ast.Save):
+                    saves.append(self._save(stmt, saves))
+            except _Poisoned:
+                if isinstance(stmt, ast.Assign):
+                    self.poisoned.add(stmt.name)
+            except MgcError as e:
+                self.errors.append(e)
+                if isinstance(stmt, ast.Assign):
+                    self.poisoned.add(stmt.name)
+        if not saves and not self.errors:
+            self.errors.append(RecipeNameError(
+                "the recipe saves nothing", None, 'add a line `save <model> to "<folder>"`'
+            ))
+        if self.errors:
+            raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
+        unused = [s.name for s in self.recipe.statements if isinstance(s, ast.Assign) and s.name not in self.used]
+        return Program(saves, self.checkpoints, unused)
+
+    def _define(self, stmt: ast.Def) -> None:
+        if stmt.name in self.defs:
+            self.errors.append(RecipeNameError(f"'{stmt.name}' is defined twice", stmt.name_span))
+        elif stmt.name in OPERATORS or stmt.name in BUILTINS:
+            self.errors.append(RecipeNameError(f"'{stmt.name}' is a built-in and cannot be redefined", stmt.name_span))
+        else:
+            self.defs[stmt.name] = stmt
+
+    # --- expressions -------------------------------------------------------------------------
+
+    def eval(self, e: ast.Expr, env: dict[str, Value], stack: tuple[str, ...]) -> Value:
+        if isinstance(e, ast.Number):
+            return Num(e.value, e.span)
+        if isinstance(e, ast.String):
+            return Str(e.value, e.span)
+        if isinstance(e, ast.Name):
+            return self._lookup(e, env)
+        if isinstance(e, ast.List):
+            return ListV(tuple(self.eval(i, env, stack) for i in e.items), e.span)
+        if isinstance(e, ast.Table):
+            return self._table(e, env, stack)
+        if isinstance(e, ast.Call):
+            return self._call(e, env, stack)
+        if isinstance(e, ast.LayerSlice):
+            return self._layer_slice(e, env, stack)
+        if isinstance(e, ast.With):
+            return self._with(e, env, stack)
+        raise TypeError(f"unknown expression {e!r}")  # pragma: no cover
+
+    def _lookup(self, e: ast.Name, env: dict[str, Value]) -> Value:
+        if e.id in env:
+            return env[e.id]
+        if e.id in self.poisoned:
+            raise _Poisoned(e.id)
+        if e.id in self.globals:
+            self.used.add(e.id)
+            return _respan(self.globals[e.id], e.span)
+        if e.id in CONSTANTS:
+            return Bool(CONSTANTS[e.id], e.span)
+        if e.id in self.defs:
+            return Function(self.defs[e.id])
+        if e.id in OPERATORS or e.id in BUILTINS:
+            raise RecipeTypeError(f"'{e.id}' is an operator: call it, as {e.id}(...)", e.span)
+        known = list(env) + list(self.globals) + list(self.defs)
+        raise RecipeNameError(f"unknown name '{e.id}'", e.span, did_you_mean(e.id, known) or _defined_later(self.recipe, e))
+
+    def _table(self, e: ast.Table, env, stack) -> TableV:
+        entries = []
+        for entry in e.entries:
+            entries.append((_selector(entry.key), self.eval(entry.value, env, stack)))
+        return TableV(tuple(entries), e.span)
+
+    def _model(self, e: ast.Expr, env, stack, what: str) -> ModelValue:
+        value = self.eval(e, env, stack)
+        if not isinstance(value, ModelValue):
+            raise RecipeTypeError(f"{what} must be a model, not {kind_of(value)}", e.span)
+        return value
+
+    def _call(self, e: ast.Call, env, stack) -> Value:
+        if e.func in env and isinstance(env[e.func], Function):
+            return self._call_def(env[e.func].node, e, env, stack)
+        if e.func in self.defs:
+            return self._call_def(self.defs[e.func], e, env, stack)
+        if e.func == "model":
+            return self._open_model(e, env, stack)
+        if e.func == "ramp":
+            return self._ramp(e, env, stack)
+        if e.func == "stack":
+            return self._stack(e, env, stack)
+        op = OPERATORS.get(e.func)
+        if op is None:
+            hint = did_you_mean(e.func, list(OPERATORS) + list(BUILTINS) + list(self.defs))
+            raise RecipeNameError(f"unknown operator '{e.func}'", e.func_span, hint or "`mgc ops` lists the operators")
+        return self._apply(op, e, env, stack)
+
+    def _call_def(self, d: ast.Def, e: ast.Call, env, stack) -> Value:
+        if d.name in stack:
+            cycle = " -> ".join(stack[stack.index(d.name):] + (d.name,))
+            raise RecipeNameError(f"cycle through def: {cycle}", e.func_span, "a def cannot call itself, directly or through others")
+        if e.kwargs:
+            by_name = {k.name: k for k in e.kwargs}
+            unknown = [k for k in by_name if k not in d.params]
+            if unknown:
+                k = by_name[unknown[0]]
+                raise RecipeNameError(f"{d.name}() has no parameter '{k.name}'", k.span, did_you_mean(k.name, d.params))
+        given = len(e.args) + len(e.kwargs)
+        if given != len(d.params):
+            raise RecipeTypeError(
+                f"{d.name}() takes {len(d.params)} argument{'s' if len(d.params) != 1 else ''}, got {given}",
+                e.span, f"def {d.name}({', '.join(d.params)})",
+            )
+        local: dict[str, Value] = {}
+        for name, arg in zip(d.params, e.args):
+            local[name] = self.eval(arg, env, stack)
+        for k in e.kwargs:
+            if k.name in local:
+                raise RecipeTypeError(f"{d.name}() got '{k.name}' twice", k.span)
+            local[k.name] = self.eval(k.value, env, stack)
+        try:
+            return self.eval(d.body, local, stack + (d.name,))
+        except RecipeNameError as err:
+            if err.message.startswith("cycle through def") and stack == ():
+                raise RecipeNameError(err.message, e.func_span, err.hint) from None
+            raise
+
+    def _open_model(self, e: ast.Call, env, stack) -> ModelValue:
+        if len(e.args) != 1 or e.kwargs:
+            raise RecipeTypeError("model() takes one argument, the checkpoint folder", e.span)
+        arg = self.eval(e.args[0], env, stack)
+        if not isinstance(arg, Str):
+            raise RecipeTypeError(f"model() takes a path string, not {kind_of(arg)}", e.args[0].span)
+        path = (self.base_dir / os.path.expanduser(arg.value)).resolve()
+        ckpt = self.checkpoints.get(path)
+        if ckpt is None:
+            from mgc.runtime.checkpoint import Checkpoint
+
+            try:
+                ckpt = Checkpoint.open(path, allow_pickle=self.allow_pickle, span=arg.span)
+            except CheckpointError as err:
+                if err.span is None:
+                    err.span = arg.span
+                raise
+            self.checkpoints[path] = ckpt
+        tensors = {n: TensorSpec(i.shape, i.dtype) for n, i in ckpt.tensors.items()}
+        return CheckpointModel(ckpt, e.span, tensors, count_layers(ckpt.config, tensors))
+
+    def _ramp(self, e: ast.Call, env, stack) -> ListV:
+        if len(e.args) != 2 or e.kwargs:
+            raise RecipeTypeError("ramp() takes two numbers: the value at the first layer and at the last", e.span)
+        items = tuple(self.eval(a, env, stack) for a in e.args)
+        for item in items:
+            if not isinstance(item, Num):
+                raise RecipeTypeError(f"ramp() takes numbers, not {kind_of(item)}", item.span)
+        return ListV(items, e.span)
+
+    def _layer_slice(self, e: ast.LayerSlice, env, stack) -> LayerRange:
+        model = self._model(e.value, env, stack, "the value sliced with .layers[...]")
+        start = 0 if e.start is None else e.start
+        stop = model.num_layers if e.stop is None else e.stop
+        if start < 0:
+            start += model.num_layers
+        if stop < 0:
+            stop += model.num_layers
+        if not 0 <= start < stop <= model.num_layers:
+            raise RecipeTypeError(
+                f"layers[{start}:{stop}] is outside the model's {model.num_layers} layers", e.span,
+                f"valid layer indices are 0 to {model.num_layers - 1}; the range excludes its end",
+            )
+        return LayerRange(model, start, stop, e.span)
+
+    def _stack(self, e: ast.Call, env, stack) -> StackModel:
+        if e.kwargs:
+            raise RecipeNameError(f"stack() takes no parameters, got '{e.kwargs[0].name}'", e.kwargs[0].span)
+        if not e.args:
+            raise RecipeTypeError("stack() needs at least one layer range, as stack(a.layers[0:4], b.layers[4:8])", e.span)
+        parts = []
+        for arg in e.args:
+            value = self.eval(arg, env, stack)
+            if isinstance(value, ModelValue):
+                value = LayerRange(value, 0, value.num_layers, arg.span)
+            if not isinstance(value, LayerRange):
+                raise RecipeTypeError(f"stack() takes layer ranges like m.layers[0:4], not {kind_of(value)}", arg.span)
+            parts.append(value)
+        sources = stack_sources(tuple(parts))
+        tensors = {}
+        for name, (model, src) in sources.items():
+            tensors[name] = model.tensors[src]
+        _check_stack_shapes(parts)
+        return StackModel(tuple(parts), e.span, tensors, sum(p.stop - p.start for p in parts), sources)
+
+    def _with(self, e: ast.With, env, stack) -> WithModel:
+        base = self._model(e.value, env, stack, "the value before `with`")
+        overrides = []
+        for entry in e.table.entries:
+            selector = _selector(entry.key)
+            model = self._model(entry.value, env, stack, f"the override for '{selector}'")
+            matched = [n for n in base.tensors if selector.matches(n)]
+            if not matched:
+                raise RecipeNameError(
+                    f"selector '{selector}' matches no tensor of the model", entry.key.span, _selector_hint(selector, base.tensors)
+                )
+            for name in matched:
+                if name not in model.tensors:
+                    raise CheckpointError(f"the override for '{selector}' has no tensor '{name}'", entry.value.span)
+                _same_shape(name, base.tensors[name], model.tensors[name], entry.value.span)
+            overrides.append((selector, model))
+        return WithModel(base, tuple(overrides), e.span, dict(base.tensors), base.num_layers)
+
+    def _apply(self, op, e: ast.Call, env, stack) -> OpModel:
+        models = tuple(self._model(a, env, stack, f"argument {i + 1} of {op.name}()") for i, a in enumerate(e.args))
+        spans = [a.span for a in e.args]
+        n = len(models)
+        if n < op.min_models or (op.max_models is not None and n > op.max_models):
+            raise RecipeTypeError(f"{op.name}() takes {op.arity_text()}, got {n}", e.span)
+        base = None
+        kwargs: dict[str, tuple[Value, Span]] = {}
+        for k in e.kwargs:
+            if k.name == "base":
+                if op.base == "none":
+                    raise RecipeNameError(f"{op.name}() takes no base model", k.span, "remove `base = ...`")
+                base = self._model(k.value, env, stack, "base")
+                spans.insert(0, k.value.span)
+            else:
+                kwargs[k.name] = (self.eval(k.value, env, stack), k.span)
+        if op.base == "required" and base is None:
+            raise RecipeTypeError(f"{op.name}() needs a base model", e.span, f"add `base = <model>` to {op.name}(...)")
+        params = bind(op, kwargs, e.span, n)
+        inputs = ((base,) if base is not None else ()) + models
+        reference = inputs[0]
+        tensors = dict(reference.tensors)
+        for m, span in zip(inputs[1:], spans[1:]):
+            for name, spec in tensors.items():
+                other = m.tensors.get(name)
+                if other is None:
+                    raise CheckpointError(f"{op.name}(): tensor '{name}' is missing from {_describe(m)}", span)
+                _same_shape(name, spec, other, span)
+        value_spans = {}
+        for k in e.kwargs:
+            if k.name != "base":
+                value_spans[k.name] = k.value.span
+        for name, (value, _) in kwargs.items():
+            for selector in unmatched_selectors(value, tensors):
+                raise RecipeNameError(
+                    f"selector '{selector}' in '{name}' matches no tensor", selector.span, _selector_hint(selector, tensors)
+                )
+        resolved = resolve_all(op, params, value_spans, e.span, n, tensors, reference.num_layers)
+        return OpModel(op, models, base, params, resolved, e.span, tensors, reference.num_layers)
+
+    # --- statements --------------------------------------------------------------------------
+
+    def _save(self, stmt: ast.Save, earlier: list[SaveSpec]) -> SaveSpec:
+        model = self._model(stmt.value, {}, (), "what `save` writes")
+        path = (self.base_dir / os.path.expanduser(stmt.path)).resolve()
+        for other in earlier:
+            if other.path == path:
+                raise RecipeNameError(f"two saves write to '{stmt.path}'", stmt.path_span, f"the first is at {other.span}")
+        opts = {}
+        for o in stmt.options:
+            if o.name not in SAVE_OPTIONS:
+                raise RecipeNameError(
+                    f"save has no option '{o.name}'", o.span, did_you_mean(o.name, SAVE_OPTIONS) or f"options: {', '.join(SAVE_OPTIONS)}"
+                )
+            if o.name in opts:
+                raise RecipeNameError(f"option '{o.name}' given twice", o.span)
+            opts[o.name] = o
+        dtype = self._save_dtype(opts.get("dtype"))
+        shard = self._save_shard(opts.get("shard"))
+        tokenizer = model.config_source
+        if "tokenizer" in opts:
+            tokenizer = self._model(opts["tokenizer"].value, {}, (), "the tokenizer option").config_source
+        return SaveSpec(model, path, dtype, shard, tokenizer, stmt.span)
+
+    def _save_dtype(self, option: Optional[ast.Option]) -> Optional[torch.dtype]:
+        if option is None:
+            return None
+        v = option.value
+        name = v.id if isinstance(v, ast.Name) else v.value if isinstance(v, ast.String) else None
+        if name not in SAVE_DTYPES:
+            raise RecipeTypeError(
+                f"unknown dtype {name!r}" if name is not None else "dtype must be a name such as bf16", v.span,
+                did_you_mean(str(name), SAVE_DTYPES) or "dtype is one of bf16, fp16, fp32",
+            )
+        return SAVE_DTYPES[name]
+
+    def _save_shard(self, option: Optional[ast.Option]) -> int:
+        if option is None:
+            return DEFAULT_SHARD
+        v = self.eval(option.value, {}, ())
+        if isinstance(v, Num) and v.value > 0:
+            return int(v.value)
+        if isinstance(v, Str):
+            size = parse_size(v.value)
+            if size:
+                return size
+        raise RecipeTypeError("shard must be a size such as \"2GB\", \"500MB\" or a byte count", option.value.span)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> Optional[int]:
+    m = _SIZE.match(text)
+    if not m:
+        return None
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
+    size = int(float(m.group(1)) * base**power)
+    return size if size > 0 else None
+
+
+def _selector(key) -> Selector:
+    if isinstance(key, ast.KeyName):
+        if key.name == "_":
+            return Selector("default", span=key.span)
+        return Selector("pattern", key.name, span=key.span)
+    if isinstance(key, ast.KeyString):
+        return Selector("pattern", key.value, span=key.span)
+    return Selector("layers", start=key.start, stop=key.stop, span=key.span)
+
+
+def _selector_hint(selector: Selector, tensors) -> str:
+    if selector.kind == "pattern":
+        parts = sorted({p for n in tensors for p in n.split(".") if not p.isdigit()})
+        close = did_you_mean(selector.pattern, parts)
+        if close:
+            return close
+        return f"tensor names look like '{next(iter(tensors), '')}'"
+    return "no tensor lies in that layer range"
+
+
+def _same_shape(name: str, a: TensorSpec, b: TensorSpec, span: Span) -> None:
+    if a.shape != b.shape:
+        raise RecipeTypeError(f"tensor '{name}' has shape {list(b.shape)} here but {list(a.shape)} in the first model", span)
+    if a.dtype.is_floating_point != b.dtype.is_floating_point:
+        raise RecipeTypeError(f"tensor '{name}' is {b.dtype} here but {a.dtype} in the first model", span)
+
+
+def _check_stack_shapes(parts: list[LayerRange]) -> None:
+    first = parts[0].model
+    for part in parts[1:]:
+        for name, spec in part.model.tensors.items():
+            other = first.tensors.get(name)
+            if other is not None and other.shape != spec.shape:
+                raise RecipeTypeError(
+                    f"stack(): tensor '{name}' has shape {list(spec.shape)} here but {list(other.shape)} in the first part",
+                    part.span,
+                )
+
+
+def _describe(m: ModelValue) -> str:
+    if isinstance(m, CheckpointModel):
+        return f"checkpoint {m.checkpoint.path}"
+    return f"the model at {m.span}"
+
+
+def _respan(value: Value, span: Span) -> Value:
+    """A name's value, reported at the use site when it is a plain value."""
+    if isinstance(value, (Num, Str, Bool, ListV, TableV)):
+        return type(value)(*[getattr(value, f) for f in value.__dataclass_fields__ if f != "span"], span)
+    return value
+
+
+def _defined_later(recipe: ast.Recipe, e: ast.Name) -> Optional[str]:
+    for stmt in recipe.statements:
+        if isinstance(stmt, ast.Assign) and stmt.name == e.id:
+            return f"'{e.id}' is assigned later, at {stmt.name_span}; assign it before use"
+    return None
+
+
+def check(recipe: ast.Recipe, allow_pickle: bool = False, base_dir: Optional[Path] = None) -> Program:
+    return Checker(recipe, allow_pickle, base_dir).run()

@@ -1,0 +1,131 @@
+"""The tensor graph: one networkx DiGraph of load, apply and save nodes.
+
+Node ids are ints; each node's attribute ``node`` holds its payload (a frozen
+dataclass below) and ``inputs`` the ordered tuple of input node ids (an input may
+appear twice, as in slerp(a, a)). Edges mirror ``inputs`` for traversal.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import networkx as nx
+import torch
+
+from .errors import Span
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Load:
+    checkpoint: Path
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def key(self) -> tuple:
+        return ("load", self.checkpoint, self.tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+    def label(self) -> str:
+        return f"load {self.checkpoint.name}:{self.tensor}"
+
+
+@dataclass(frozen=True)
+class Apply:
+    op: str
+    params: Any  # the operator's validated pydantic params
+    has_base: bool
+    tensor: str  # the output tensor this was lowered for (for messages)
+    shape: tuple[int, ...]
+    span: Optional[Span] = field(default=None, compare=False)
+
+    def key(self) -> tuple:
+        return ("apply", self.op, params_key(self.params), self.has_base)
+
+    @property
+    def nbytes(self) -> int:  # computed in float32
+        return math.prod(self.shape) * 4
+
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in self.params.model_dump(by_alias=True).items())
+        return f"{self.op}({shown})"
+
+
+@dataclass(frozen=True)
+class Save:
+    output: Path
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def key(self) -> tuple:
+        return ("save", self.output, self.tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+    def label(self) -> str:
+        return f"save {self.output.name}:{self.tensor}"
+
+
+Payload = Union[Load, Apply, Save]
+
+
+def params_key(params: Any) -> tuple:
+    def freeze(v):
+        return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return tuple((k, freeze(v)) for k, v in sorted(params.model_dump().items()))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+class Graph(nx.DiGraph):
+    """A DiGraph with helpers that keep ``inputs`` and the edges in step."""
+
+    def add(self, payload: Payload, inputs: Iterable[int] = ()) -> int:
+        n = self.graph.setdefault("next_id", 0)
+        self.graph["next_id"] = n + 1
+        inputs = tuple(inputs)
+        self.add_node(n, node=payload, inputs=inputs)
+        for i in inputs:
+            self.add_edge(i, n)
+        return n
+
+    def payload(self, n: int) -> Payload:
+        return self.nodes[n]["node"]
+
+    def inputs(self, n: int) -> tuple[int, ...]:
+        return self.nodes[n]["inputs"]
+
+    def of_kind(self, kind: type) -> list[int]:
+        return [n for n, d in self.nodes(data=True) if isinstance(d["node"], kind)]
+
+    def replace(self, old: int, new: int) -> None:
+        """Point every user of `old` at `new`, then drop `old`."""
+        for user in list(self.successors(old)):
+            self.nodes[user]["inputs"] = tuple(new if i == old else i for i in self.nodes[user]["inputs"])
+            self.add_edge(new, user)
+        self.remove_node(old)
+
+    def counts(self) -> dict[str, int]:
+        out = {"load": 0, "apply": 0, "save": 0}
+        for _, d in self.nodes(data=True):
+            out[type(d["node"]).__name__.lower()] += 1
+        return out

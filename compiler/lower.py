@@ -1,0 +1,50 @@
+"""Lowering: checked symbolic models -> the tensor graph, one save node per output tensor.
+
+Each (model value, tensor) pair is lowered once, so a variable used twice is shared;
+equal computations written twice stay separate here and are merged by the CSE pass.
+"""
+from __future__ import annotations
+
+from .check import Program
+from .ir import Apply, Graph, Load, Save
+from .layers import layer_index
+from .values import CheckpointModel, ModelValue, OpModel, StackModel, WithModel
+
+
+def lower(program: Program) -> Graph:
+    g = Graph()
+    memo: dict[tuple[int, str], int] = {}
+    for save in program.saves:
+        for name in sorted(save.model.tensors, key=tensor_order):
+            spec = save.model.tensors[name]
+            src = _lower(g, memo, save.model, name)
+            g.add(Save(save.path, name, spec.shape, save.dtype or spec.dtype), (src,))
+    return g
+
+
+def tensor_order(name: str) -> tuple:
+    """Non-layer tensors first, then layer by layer; names in natural order within."""
+    i = layer_index(name)
+    return (-1 if i is None else i, name)
+
+
+def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:
+    key = (id(model), name)
+    if key in memo:
+        return memo[key]
+    if isinstance(model, CheckpointModel):
+        info = model.checkpoint.tensors[name]
+        n = g.add(Load(model.checkpoint.path, name, info.shape, info.dtype))
+    elif isinstance(model, OpModel):
+        inputs = [_lower(g, memo, m, name) for m in model.inputs]
+        apply = Apply(model.op.name, model.resolved[name], model.base is not None, name, model.tensors[name].shape, model.span)
+        n = g.add(apply, inputs)
+    elif isinstance(model, WithModel):
+        n = _lower(g, memo, model.source_of(name), name)
+    elif isinstance(model, StackModel):
+        source, source_name = model.sources[name]
+        n = _lower(g, memo, source, source_name)
+    else:  # pragma: no cover
+        raise TypeError(f"cannot lower {model!r}")
+    memo[key] = n
+    return n

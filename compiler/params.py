@@ -1,0 +1,167 @@
+"""Operator parameters: binding recipe values to a schema, and resolving them per tensor.
+
+Every parameter accepts a number (or boolean, or string), a list of numbers read as a
+gradient across layers, or a selector table whose first matching entry applies.
+Per-model parameters (`weights`, `density`, ...) take a list with one such value per model,
+or one value for all models.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from mgc.stdlib.operator import Operator
+
+from .errors import RecipeNameError, RecipeTypeError, Span, did_you_mean
+from .layers import interpolate, layer_index, layer_position
+from .values import Bool, ListV, Num, Str, TableV, Value, kind_of
+
+MISSING = object()
+
+
+def surface_names(op: Operator) -> dict[str, str]:
+    """The name a user writes for each schema field (its alias where it has one) -> field name."""
+    return {(f.alias or name): name for name, f in op.params.model_fields.items()}
+
+
+def check_value(value: Value, param: str, per_model: bool, n_models: int) -> None:
+    """Reject values of the wrong shape before any tensor is looked at."""
+    if isinstance(value, TableV):
+        for _, entry in value.entries:
+            check_value(entry, param, per_model, n_models)
+    elif per_model and isinstance(value, ListV):
+        if len(value.items) != n_models:
+            raise RecipeTypeError(
+                f"'{param}' has {len(value.items)} value{'s' if len(value.items) != 1 else ''} for {n_models} model{'s' if n_models != 1 else ''}",
+                value.span,
+                f"give one value per model, in the order of the models, or a single value for all",
+            )
+        for item in value.items:
+            check_value(item, param, False, n_models)
+    elif isinstance(value, ListV):
+        if not value.items:
+            raise RecipeTypeError(f"'{param}' is an empty list", value.span, "a list is a gradient across layers: give at least one number")
+        for item in value.items:
+            if not isinstance(item, Num):
+                raise RecipeTypeError(
+                    f"'{param}' is a list holding {kind_of(item)}", item.span,
+                    "a list is a gradient across layers and holds numbers only",
+                )
+    elif not isinstance(value, (Num, Bool, Str)):
+        raise RecipeTypeError(f"'{param}' cannot be {kind_of(value)}", value.span)
+
+
+def resolve(value: Value, tensor: str, t: float, per_model: bool, n_models: int) -> Any:
+    """The plain value a parameter takes for one tensor; MISSING if no table entry matches."""
+    if isinstance(value, TableV):
+        entry = value.lookup(tensor)
+        return MISSING if entry is None else resolve(entry, tensor, t, per_model, n_models)
+    if per_model:
+        items = value.items if isinstance(value, ListV) else (value,) * n_models
+        out = [resolve(item, tensor, t, False, n_models) for item in items]
+        return MISSING if any(v is MISSING for v in out) else out
+    if isinstance(value, ListV):
+        return interpolate([item.value for item in value.items], t)
+    return value.value
+
+
+def unmatched_selectors(value: Value, tensors) -> list:
+    """Selectors in a table (at any depth) that match none of the tensors."""
+    out = []
+    if isinstance(value, TableV):
+        for selector, entry in value.entries:
+            if selector.kind != "default" and not any(selector.matches(n) for n in tensors):
+                out.append(selector)
+            out.extend(unmatched_selectors(entry, tensors))
+    elif isinstance(value, ListV):
+        for item in value.items:
+            out.extend(unmatched_selectors(item, tensors))
+    return out
+
+
+def resolve_all(
+    op: Operator, params: dict[str, Value], spans: dict[str, Span], call_span: Span, n_models: int,
+    tensors, num_layers: int,
+) -> dict[str, Any]:
+    """Validate the parameters for every output tensor; return tensor name -> params instance.
+
+    Each distinct set of resolved values is validated once through the operator's pydantic schema.
+    """
+    by_key: dict[tuple, Any] = {}
+    out: dict[str, Any] = {}
+    per_model = set(op.per_model)
+    for tensor in tensors:
+        t = layer_position(layer_index(tensor), num_layers)
+        values = {}
+        for name, value in params.items():
+            v = resolve(value, tensor, t, name in per_model, n_models)
+            if v is MISSING:
+                if op.params.model_fields[name].is_required():
+                    raise RecipeTypeError(
+                        f"{op.name}(): no entry of '{_surface(op, name)}' matches tensor '{tensor}'",
+                        value.span, "add a default entry `_: value` to the table",
+                    )
+                continue
+            values[name] = v
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+        if key not in by_key:
+            by_key[key] = _validate(op, values, spans, call_span, tensor, len(tensors) > 1)
+        out[tensor] = by_key[key]
+    return out
+
+
+def _surface(op: Operator, field: str) -> str:
+    return op.params.model_fields[field].alias or field
+
+
+def _validate(op: Operator, values: dict[str, Any], spans: dict[str, Span], call_span: Span, tensor: str, many: bool):
+    try:
+        return op.params.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = err["loc"][0] if err["loc"] else None
+        field = loc if loc in op.params.model_fields else surface_names(op).get(loc) if isinstance(loc, str) else None
+        if err["type"] == "missing" and field:
+            raise RecipeTypeError(f"{op.name}() needs the parameter '{_surface(op, field)}'", call_span, _doc_hint(op, field)) from None
+        shown = f"{_surface(op, field)}" if field else ""
+        got = f" = {_show(values[field])}" if field in values else ""
+        where = f" (for tensor '{tensor}')" if many else ""
+        message = err["msg"].removeprefix("Value error, ")
+        span = spans.get(_surface(op, field), call_span) if field else call_span
+        prefix = f"{op.name}(): {shown}{got}{where}: " if field else f"{op.name}(){where}: "
+        raise RecipeTypeError(prefix + message, span, _doc_hint(op, field)) from None
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return repr(v)
+
+
+def _doc_hint(op: Operator, field: Optional[str]) -> Optional[str]:
+    if not field or field not in op.params.model_fields:
+        return None
+    info = op.params.model_fields[field]
+    return f"{_surface(op, field)}: {info.description}" if info.description else None
+
+
+def bind(op: Operator, kwargs: dict[str, tuple[Value, Span]], call_span: Span, n_models: int) -> dict[str, Value]:
+    """Map keyword arguments to schema fields, checking names and value shapes."""
+    names = surface_names(op)
+    bound: dict[str, Value] = {}
+    for key, (value, span) in kwargs.items():
+        field = names.get(key)
+        if field is None:
+            hint = did_you_mean(key, names) or (
+                f"{op.name}() takes {', '.join(sorted(names)) or 'no parameters'}"
+            )
+            raise RecipeNameError(f"{op.name}() got an unknown parameter '{key}'", span, hint)
+        check_value(value, key, field in op.per_model, n_models)
+        bound[field] = value
+    for field, info in op.params.model_fields.items():
+        if info.is_required() and field not in bound:
+            raise RecipeTypeError(f"{op.name}() needs the parameter '{_surface(op, field)}'", call_span, _doc_hint(op, field))
+    return bound

@@ -1,0 +1,77 @@
+"""Replace operations whose result is one of their inputs by that input.
+
+A table of named rules, each `rule(payload, inputs) -> index of the input that is the
+result, or None`; applied to every apply node in topological order, so folds cascade.
+
+    slerp(a, b, t = 0)  -> a          linear(a)      -> a
+    slerp(a, b, t = 1)  -> b          karcher(a)     -> a
+    op(a, a, ...)       -> a  for ops that average (slerp, linear, karcher)
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Optional
+
+import networkx as nx
+
+from ..ir import Apply, Graph
+
+Rule = Callable[[Apply, tuple], Optional[int]]
+
+_AVERAGING = {"slerp", "karcher", "linear", "multislerp", "nuslerp"}
+
+
+def _slerp_t0(p: Apply, inputs: tuple) -> Optional[int]:
+    return 0 if p.op == "slerp" and p.params.t == 0 else None
+
+
+def _slerp_t1(p: Apply, inputs: tuple) -> Optional[int]:
+    return 1 if p.op == "slerp" and p.params.t == 1 else None
+
+
+def _single_source(p: Apply, inputs: tuple) -> Optional[int]:
+    if len(inputs) != 1:
+        return None
+    if p.op == "karcher":
+        return 0
+    if p.op == "linear" and (p.params.normalize or (p.params.weights or [1.0])[0] == 1.0):
+        return 0
+    return None
+
+
+def _identical_inputs(p: Apply, inputs: tuple) -> Optional[int]:
+    if p.op not in _AVERAGING or len(inputs) < 2 or len(set(inputs)) != 1:
+        return None
+    if p.op == "linear" and not p.params.normalize:
+        return None
+    return 0
+
+
+def _identity_passthrough(p: Apply, inputs: tuple) -> Optional[int]:
+    return 0 if p.op == "passthrough" and p.params.scale == 1 else None
+
+
+RULES: tuple[tuple[str, Rule], ...] = (
+    ("slerp_t0", _slerp_t0),
+    ("slerp_t1", _slerp_t1),
+    ("single_source", _single_source),
+    ("identical_inputs", _identical_inputs),
+    ("identity_passthrough", _identity_passthrough),
+)
+
+
+def fold_trivial_ops(graph: Graph) -> Graph:
+    fired: Counter = Counter()
+    for n in list(nx.topological_sort(graph)):
+        payload = graph.payload(n)
+        if not isinstance(payload, Apply):
+            continue
+        inputs = graph.inputs(n)
+        for name, rule in RULES:
+            index = rule(payload, inputs)
+            if index is not None:
+                graph.replace(n, inputs[index])
+                fired[name] += 1
+                break
+    graph.graph.setdefault("fired", {})["fold_trivial_ops"] = fired
+    return graph

@@ -1,0 +1,113 @@
+"""The optimized plan: the checked program, its tensor graph after the passes, and figures."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from . import ast
+from .check import Program
+from .ir import Apply, Graph, Load, Save
+from .passes import PassReport
+
+
+@dataclass
+class Plan:
+    recipe: ast.Recipe
+    program: Program
+    graph: Graph
+    reports: list[PassReport]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(self.graph.payload(n).nbytes for n in self.graph.of_kind(Load))
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(self.graph.payload(n).nbytes for n in self.graph.of_kind(Save))
+
+    def checkpoints_read(self) -> list:
+        return sorted({self.graph.payload(n).checkpoint for n in self.graph.of_kind(Load)})
+
+    def peak_memory(self) -> int:
+        """Estimated peak bytes of tensor data held while running the schedule.
+
+        Loaded tensors count at their stored size, results of merges at float32,
+        plus each merge's transient float32 copies of its inputs (float64 for karcher,
+        which iterates in double precision) and each save's cast copy.
+        """
+        g = self.graph
+        uses = Counter(i for n in g.nodes for i in g.inputs(n))
+        held: dict[int, int] = {}
+        live = peak = 0
+        for n in g.graph["order"]:
+            p = g.payload(n)
+            inputs = g.inputs(n)
+            transient = 0
+            if isinstance(p, Load):
+                held[n] = p.nbytes
+            elif isinstance(p, Apply):
+                numel = math.prod(p.shape)
+                k = len(inputs)
+                transient = 4 * numel * k + (16 * numel * k if p.op == "karcher" else 0)
+                held[n] = p.nbytes
+            else:
+                transient = p.nbytes
+            live += held.get(n, 0)
+            peak = max(peak, live + transient)
+            for i in inputs:
+                uses[i] -= 1
+                if uses[i] == 0:
+                    live -= held.pop(i, 0)
+        return peak
+
+    def summary(self, explain: bool = False) -> str:
+        lines = [f"plan for {self.recipe.source.name}", "", "passes (load/apply/save nodes):"]
+        for r in self.reports:
+            b, a = r.before, r.after
+            lines.append(
+                f"  {r.name:34s} {b['load']:>5}/{b['apply']:>5}/{b['save']:>5} -> {a['load']:>5}/{a['apply']:>5}/{a['save']:>5}"
+            )
+            if explain:
+                for rule, count in sorted(r.fired.items()):
+                    lines.append(f"      {rule}: {count}")
+        ops = Counter(self.graph.payload(n).op for n in self.graph.of_kind(Apply))
+        lines += ["", "work:"]
+        lines.append(f"  operations     {sum(ops.values())}" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})" if ops else ""))
+        lines.append(f"  tensors read   {len(self.graph.of_kind(Load))} from {len(self.checkpoints_read())} checkpoints")
+        lines.append(f"  bytes to read  {format_bytes(self.bytes_read)}")
+        lines.append(f"  bytes to write {format_bytes(self.bytes_written)}")
+        lines.append(f"  peak memory    {format_bytes(self.peak_memory())} (estimate, tensor data)")
+        lines += ["", "outputs:"]
+        for s in self.program.saves:
+            n = sum(1 for x in self.graph.of_kind(Save) if self.graph.payload(x).output == s.path)
+            lines.append(f"  {s.path}  ({n} tensors)")
+        if self.program.unused:
+            lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        g = self.graph
+        out = ["digraph mgc {", "  rankdir=LR;", '  node [fontname="monospace", fontsize=10];']
+        shapes = {Load: "box", Apply: "ellipse", Save: "note"}
+        for n in g.graph.get("order", list(g.nodes)):
+            p = g.payload(n)
+            label = p.label() if not isinstance(p, Apply) else f"{p.label()}\\n{p.tensor}"
+            out.append(f'  n{n} [shape={shapes[type(p)]}, label="{_escape(label)}"];')
+        for n in g.nodes:
+            for pos, i in enumerate(g.inputs(n)):
+                out.append(f'  n{i} -> n{n} [label="{pos}"];' if len(g.inputs(n)) > 1 else f"  n{i} -> n{n};")
+        out.append("}")
+        return "\n".join(out)
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\\\\n", "\\n")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover

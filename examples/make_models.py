@@ -1,0 +1,265 @@
+"""Create the small bundled example checkpoints: examples/models/{base,code,math,prose}.
+
+Each folder is a tiny Llama-layout Hugging Face checkpoint (bf16 safetensors, config,
+generation config, byte-level BPE tokenizer). The base is saved in two shards; the
+three experts are base + a distinct low-rank-plus-sparse delta of increasing size.
+Everything is deterministic: same bytes on every run and machine.
+
+    python examples/make_models.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in Llama
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
+VOCAB_SIZE = 512
+
+HIDDEN = 64
+INTERMEDIATE = 128
+LAYERS = 8
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = HIDDEN // HEADS
+
+BASE_SEED = 1234
+# name -> (seed, relative Frobenius norm of the delta on every matrix)
+EXPERTS = {"code": (101, 0.05), "math": (202, 0.10), "prose": (303, 0.20)}
+DELTA_RANK = 4
+SPARSE_DENSITY = 0.02
+NORM_DELTA_SCALE = 0.25  # norm-weight deltas are this fraction of the matrix ratio
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A merge graph combines several models into one.
+Each fine-tuned model is the base model plus a task vector, and merging adds task vectors.
+We compute the weighted average of the parameters, then trim small values and resolve signs.
+The model reads a sentence, predicts the next token, and writes the answer one word at a time.
+Small models are fast to load and easy to test, so the examples use a tiny network.
+In the morning the river was quiet; by the evening the wind had turned and the rain came down.
+She opened the book, read the first page, and smiled at the story of the old lighthouse keeper.
+The theorem states that the sum of two even numbers is even. Proof: let a = 2m and b = 2n.
+Then a + b = 2m + 2n = 2(m + n), which is even. The square of an odd number is odd.
+Solve for x: 3x + 5 = 20, so 3x = 15 and x = 5. The derivative of x^2 is 2x.
+The integral of 1/x is log(x), and the limit of (1 + 1/n)^n as n grows is e = 2.71828.
+A matrix times a vector gives a vector; the rank of a matrix is the dimension of its column space.
+def merge(models, weights):
+    total = sum(weights)
+    return {name: sum(w * m[name] for m, w in zip(models, weights)) / total for name in models[0]}
+
+def fibonacci(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+class Tensor:
+    def __init__(self, data, shape):
+        self.data = data
+        self.shape = shape
+
+    def __repr__(self):
+        return f"Tensor(shape={self.shape})"
+
+for i in range(10):
+    if i % 2 == 0:
+        print("even", i)
+    else:
+        print("odd", i)
+
+import torch
+x = torch.zeros(4, 4)
+y = x @ x.T + torch.eye(4)
+result = [value * 2 for value in range(100) if value > 10]
+with open("config.json") as f:
+    config = json.load(f)
+"""
+
+
+def build_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return tok
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """Standard normal samples in float64 via Box-Muller on torch.rand.
+
+    torch.randn picks SIMD or scalar kernels per CPU, which can change the last bits;
+    uniform draws are exact and float64 math leaves no visible trace after rounding to bf16.
+    """
+    n = math.prod(shape)
+    u = torch.rand(2, (n + 1) // 2, generator=gen, dtype=torch.float64)
+    r = torch.sqrt(-2.0 * torch.log1p(-u[0]))  # 1 - u is in (0, 1], so log is finite
+    theta = 2.0 * math.pi * u[1]
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n].reshape(shape)
+
+
+def tensor_shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB_SIZE, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        }
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB_SIZE, HIDDEN)
+    return shapes
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(BASE_SEED)
+    return {
+        name: _randn(gen, *shape) * 0.02 if len(shape) == 2 else torch.ones(shape, dtype=torch.float64)
+        for name, shape in tensor_shapes().items()
+    }
+
+
+def expert_weights(base: dict[str, torch.Tensor], seed: int, rel: float) -> dict[str, torch.Tensor]:
+    """Base plus a task-vector-like delta: low-rank + sparse, scaled to `rel` * ||W||."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in base.items():
+        if w.dim() == 2:
+            rows, cols = w.shape
+            low_rank = _randn(gen, rows, DELTA_RANK) @ _randn(gen, DELTA_RANK, cols)
+            sparse = _randn(gen, rows, cols) * (torch.rand(rows, cols, generator=gen, dtype=torch.float64) < SPARSE_DENSITY)
+            delta = low_rank / low_rank.norm() + 0.5 * sparse / sparse.norm()
+            delta *= rel * w.norm() / delta.norm()
+        else:
+            delta = _randn(gen, *w.shape)
+            delta *= NORM_DELTA_SCALE * rel * w.norm() / delta.norm()
+        out[name] = w + delta
+    return out
+
+
+def _config() -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "head_dim": HEAD_DIM,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "initializer_range": 0.02,
+        "intermediate_size": INTERMEDIATE,
+        "max_position_embeddings": 256,
+        "mlp_bias": False,
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": VOCAB_SIZE,
+    }
+
+
+def _generation_config() -> dict:
+    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+
+
+def _tokenizer_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "model_max_length": 256,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_checkpoint(folder: Path, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, shards: int = 1) -> None:
+    # Config and tokenizer files are written by hand, not via save_pretrained, so their
+    # bytes do not depend on the installed transformers version.
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: w.to(torch.bfloat16).contiguous() for name, w in weights.items()}
+    metadata = {"format": "pt"}
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
+    else:
+        names = list(tensors)
+        per_shard = math.ceil(len(names) / shards)
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            chunk = names[s * per_shard : (s + 1) * per_shard]
+            save_file({n: tensors[n] for n in chunk}, str(folder / file), metadata=metadata)
+            weight_map |= {n: file for n in chunk}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(folder / "model.safetensors.index.json", index)
+    _write_json(folder / "config.json", _config())
+    _write_json(folder / "generation_config.json", _generation_config())
+    tokenizer.save(str(folder / "tokenizer.json"), pretty=True)
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config())
+    _write_json(folder / "special_tokens_map.json", {k: v for k, v in _tokenizer_config().items() if k.endswith("_token")})
+
+
+def make_models(out_dir: Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    assert tokenizer.get_vocab_size() == VOCAB_SIZE, tokenizer.get_vocab_size()
+    base = base_weights()
+    paths = {"base": out_dir / "base"}
+    write_checkpoint(paths["base"], base, tokenizer, shards=2)
+    for name, (seed, rel) in EXPERTS.items():
+        paths[name] = out_dir / name
+        write_checkpoint(paths[name], expert_weights(base, seed, rel), tokenizer)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "models")
+    args = parser.parse_args()
+    for name, folder in make_models(args.out).items():
+        files = sorted(folder.iterdir())
+        size = sum(f.stat().st_size for f in files)
+        print(f"{name}: {folder} ({len(files)} files, {size / 1024:.0f} KiB)")
+        for f in files:
+            print(f"    {f.name}")
+
+
+if __name__ == "__main__":
+    main()

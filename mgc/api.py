@@ -1,0 +1,54 @@
+"""The public API: compile a recipe to a plan, and run it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from mgc.compiler.check import Program, check
+from mgc.compiler.errors import OutputError
+from mgc.compiler.lower import lower
+from mgc.compiler.passes import optimize
+from mgc.compiler.plan import Plan
+from mgc.grammar import parse, parse_file
+from mgc.runtime.execute import RunStats, execute
+
+
+def compile_recipe(
+    recipe: str | Path, *, text: Optional[str] = None, allow_pickle: bool = False, output: Optional[str | Path] = None,
+    optimize_graph: bool = True,
+) -> Plan:
+    """Parse, check, lower and optimize a recipe file (or `text`, reported under the name `recipe`)."""
+    tree = parse(text, str(recipe)) if text is not None else parse_file(recipe)
+    program = check(tree, allow_pickle=allow_pickle)
+    if output is not None:
+        _redirect(program, Path(output))
+    graph = lower(program)
+    reports = optimize(graph) if optimize_graph else optimize(graph, passes=_schedule_only())
+    return Plan(tree, program, graph, reports)
+
+
+def run(
+    recipe: str | Path, *, text: Optional[str] = None, device: str = "auto", force: bool = False,
+    progress: bool = False, allow_pickle: bool = False, output: Optional[str | Path] = None,
+) -> tuple[Plan, RunStats]:
+    plan = compile_recipe(recipe, text=text, allow_pickle=allow_pickle, output=output)
+    return plan, execute(plan, device=device, force=force, progress=progress)
+
+
+def _redirect(program: Program, output: Path) -> None:
+    """`-o DIR`: the only save goes to DIR; with several, each goes to DIR/<its folder name>."""
+    output = output.resolve()
+    if len(program.saves) == 1:
+        program.saves[0].path = output
+        return
+    names = [s.path.name for s in program.saves]
+    if len(set(names)) != len(names):
+        raise OutputError(f"-o cannot place {len(names)} outputs under one folder: their folder names repeat")
+    for s in program.saves:
+        s.path = output / s.path.name
+
+
+def _schedule_only():
+    from mgc.compiler.passes import schedule_blocks
+
+    return (schedule_blocks,)

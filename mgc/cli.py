@@ -1,0 +1,104 @@
+"""The `mgc` command line."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mgc.compiler.errors import MgcError
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _fail(e: MgcError) -> None:
+    click.echo(e.render(), err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mgc")
+def main() -> None:
+    """mgc, the merge-graph compiler: merge fine-tuned LLMs from a .merge recipe."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the (only) output here instead; with several saves, under this folder.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where merge math runs; auto = cuda when available.")
+@click.option("--force", is_flag=True, help="Replace output folders that exist and are not empty.")
+@click.option("--dry-run", is_flag=True, help="Check and plan, print the plan, write nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints, which can run code: only for trusted files.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def run(recipe, output, device, force, dry_run, allow_pickle, quiet):
+    """Merge: run RECIPE and write its saves."""
+    from mgc.api import compile_recipe
+    from mgc.runtime.execute import execute
+    from mgc.compiler.plan import format_bytes
+
+    try:
+        plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output)
+        if dry_run:
+            click.echo(plan.summary())
+            return
+        stats = execute(plan, device=device, force=force, progress=not quiet)
+    except MgcError as e:
+        _fail(e)
+    if not quiet:
+        for s in plan.program.saves:
+            click.echo(f"wrote {s.path}")
+        click.echo(
+            f"{stats.tensors_written} tensors, {format_bytes(stats.bytes_read)} read, "
+            f"{format_bytes(stats.bytes_written)} written in {stats.seconds:.2f} s"
+        )
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints.")
+def check(recipe, allow_pickle):
+    """Check RECIPE without reading tensor data."""
+    from mgc.api import compile_recipe
+
+    try:
+        plan = compile_recipe(recipe, allow_pickle=allow_pickle)
+    except MgcError as e:
+        _fail(e)
+    n = len(plan.program.saves)
+    click.echo(f"{recipe}: ok ({n} output{'s' if n != 1 else ''}, {len(plan.program.checkpoints)} checkpoints)")
+    if plan.program.unused:
+        click.echo(f"warning: assigned but never saved: {', '.join(plan.program.unused)}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--explain", is_flag=True, help="List the rewrite rules that fired in each pass.")
+@click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints.")
+def plan(recipe, explain, allow_pickle):
+    """Print the optimized plan of RECIPE: passes, work, bytes, peak memory."""
+    from mgc.api import compile_recipe
+
+    try:
+        p = compile_recipe(recipe, allow_pickle=allow_pickle)
+    except MgcError as e:
+        _fail(e)
+    click.echo(p.summary(explain=explain))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--unoptimized", is_flag=True, help="The graph as lowered, before the passes.")
+def graph(recipe, unoptimized):
+    """Print the tensor graph of RECIPE as DOT (render with `dot -Tsvg`)."""
+    from mgc.api import compile_recipe
+
+    try:
+        p = compile_recipe(recipe, optimize_graph=not unoptimized)
+    except MgcError as e:
+        _fail(e)
+    click.echo(p.to_dot())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,135 @@
+"""Run an optimized tensor graph: read, merge and write block by block.
+
+Nodes run in the schedule's order; each input tensor is read lazily from its
+checkpoint and every value is freed as soon as its last user has run. Merge math
+runs in float32 on the chosen device; results are cast to the output dtype and
+streamed into the staged output folders, which replace their targets only when
+every output is complete.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
+from mgc.compiler.ir import Apply, Graph, Load, Save
+from mgc.stdlib import OPERATORS
+
+from .devices import pick_device
+from .output import StagedOutput, check_target
+from .writer import ShardedWriter
+
+
+@dataclass
+class RunStats:
+    tensors_read: int = 0
+    bytes_read: int = 0
+    ops_run: int = 0
+    tensors_written: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def execute(plan, device: str = "auto", force: bool = False, progress: bool = True) -> RunStats:
+    """Execute `plan` (a mgc.compiler.plan.Plan) and write each of its saves."""
+    import time
+
+    start = time.perf_counter()
+    dev = pick_device(device)
+    graph: Graph = plan.graph
+    for save in plan.program.saves:
+        check_target(save.path, force, save.span)
+    checkpoints = plan.program.checkpoints
+    order = graph.graph["order"]
+    uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
+    values: dict[int, torch.Tensor] = {}
+    stats = RunStats()
+    staged: dict = {}
+    writers: dict = {}
+    bar = _progress(plan, progress)
+    try:
+        for save in plan.program.saves:
+            out = staged[save.path] = StagedOutput(save.path)
+            tensors = [(p.tensor, p.shape, p.dtype) for p in (graph.payload(n) for n in order)
+                       if isinstance(p, Save) and p.output == save.path]
+            writers[save.path] = ShardedWriter(out.folder, tensors, save.shard_bytes)
+        for n in order:
+            p = graph.payload(n)
+            inputs = graph.inputs(n)
+            if isinstance(p, Load):
+                t = checkpoints[p.checkpoint].read(p.tensor)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    info = checkpoints[p.checkpoint].tensors[p.tensor]
+                    raise CheckpointError(f"{info.file}: tensor '{p.tensor}' holds NaN or Inf values")
+                values[n] = t
+                stats.tensors_read += 1
+                stats.bytes_read += p.nbytes
+            elif isinstance(p, Apply):
+                values[n] = _apply(p, [values[i] for i in inputs], dev)
+                stats.ops_run += 1
+            elif isinstance(p, Save):
+                t = values[inputs[0]].to(dtype=p.dtype).to("cpu")
+                writers[p.output].write(p.tensor, t)
+                stats.tensors_written += 1
+                stats.bytes_written += p.nbytes
+                if bar is not None:
+                    bar.update(p.nbytes)
+            for i in inputs:
+                uses[i] -= 1
+                if uses[i] == 0:
+                    values.pop(i, None)
+        for save in plan.program.saves:
+            writers.pop(save.path).close()
+            out = staged[save.path]
+            out.write_config(save.model.config(), save.dtype)
+            extra = [save.model.config_source.checkpoint.path / f for f in ("generation_config.json",)]
+            out.copy_files([f for f in extra if f.is_file()])
+            if save.tokenizer is not None:
+                out.copy_files(save.tokenizer.checkpoint.tokenizer_files())
+        for save in plan.program.saves:
+            staged.pop(save.path).commit()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        for out in staged.values():
+            out.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        for ckpt in checkpoints.values():
+            ckpt.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    op = OPERATORS[p.op]
+    xs = [t.to(device=dev, dtype=torch.float32) for t in tensors]
+    base = xs[0] if p.has_base else None
+    models = xs[1:] if p.has_base else xs
+    try:
+        out = op.merge(models, p.params, base)
+    except MgcError:
+        raise
+    except Exception as e:
+        raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
+    if not torch.isfinite(out).all():
+        raise MergeRuntimeError(
+            f"{p.op}() produced NaN or Inf in tensor '{p.tensor}'", p.span,
+            "check the inputs and parameters of this operation for that tensor",
+        )
+    return out
+
+
+def _progress(plan, enabled: bool) -> Optional[object]:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    total = sum(p.nbytes for p in (plan.graph.payload(n) for n in plan.graph.nodes) if isinstance(p, Save))
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)

@@ -1,0 +1,105 @@
+"""A streaming, sharded safetensors writer.
+
+The compiler knows every output tensor's name, shape and dtype before any is
+computed, so shard boundaries and each file's header are fixed up front; each
+tensor is then written straight to its offset as soon as it is ready and freed.
+Memory stays bounded by the tensors in flight, not by the shard size.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .checkpoint import DTYPE_CODES, INDEX_FILE
+
+
+@dataclass(frozen=True)
+class Slot:
+    file: str
+    begin: int
+    end: int
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int) -> list[list[tuple]]:
+    """Split tensors, in the given order, into shards of at most shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for name, shape, dtype in tensors:
+        n = _nbytes(shape, dtype)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
+        size += n
+    return shards if shards[0] else []
+
+
+class ShardedWriter:
+    def __init__(self, folder: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int):
+        self.folder = folder
+        shards = plan_shards(tensors, shard_bytes)
+        count = len(shards)
+        self.slots: dict[str, Slot] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.files: dict[str, object] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.sharded = count > 1
+        for k, shard in enumerate(shards, 1):
+            fname = f"model-{k:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, shape, dtype in shard:
+                n = _nbytes(shape, dtype)
+                header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+                self.dtypes[name] = dtype
+                self.weight_map[name] = fname
+                offset += n
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            data_start = 8 + len(raw)
+            for name, shape, dtype in shard:
+                begin, end = header[name]["data_offsets"]
+                self.slots[name] = Slot(fname, data_start + begin, data_start + end)
+            f = open(folder / fname, "wb")
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.truncate(data_start + offset)
+            self.files[fname] = f
+            self.total_size += offset
+        self.pending = set(self.slots)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.slots[name]
+        if tensor.dtype != self.dtypes[name]:
+            raise ValueError(f"tensor '{name}' is {tensor.dtype}, expected {self.dtypes[name]}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != slot.end - slot.begin:
+            raise ValueError(f"tensor '{name}' has {data.nbytes} bytes, expected {slot.end - slot.begin}")
+        f = self.files[slot.file]
+        f.seek(slot.begin)
+        f.write(memoryview(data))
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} tensors were never written, e.g. '{next(iter(self.pending))}'")
+        if self.sharded:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}

@@ -1,0 +1,51 @@
+"""Weighted average: Σ wᵢ·xᵢ / Σ wᵢ (or the plain weighted sum when ``normalize`` is off).
+
+Reference: Wortsman et al., "Model soups" (2022), arXiv:2203.05482.
+Unlike mergekit, weights summing to 0 with normalize on are refused up front instead of dividing by zero.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from pydantic import Field, FiniteFloat, model_validator
+
+from .operator import Operator, OpParams
+
+
+class Params(OpParams):
+    weights: Optional[list[FiniteFloat]] = Field(
+        None, description="one weight per model (may be negative); default 1.0 each"
+    )
+    normalize: bool = Field(True, description="divide by the sum of the weights")
+
+    @model_validator(mode="after")
+    def _nonzero_sum(self) -> "Params":
+        if self.normalize and self.weights is not None and abs(sum(self.weights)) < 1e-12:
+            raise ValueError(
+                "weights sum to 0, so normalize=true would divide by zero; "
+                "change the weights or set normalize=false"
+            )
+        return self
+
+
+def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    x0 = tensors[0]
+    w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=x0.dtype, device=x0.device)
+    out = torch.zeros_like(x0)
+    for i, x in enumerate(tensors):
+        out += x * w[i]
+    if params.normalize:
+        out /= w.sum()
+    return out
+
+
+OPERATOR = Operator(
+    name="linear",
+    params=Params,
+    merge=merge,
+    doc="Σ wᵢ·xᵢ / Σ wᵢ (Σ wᵢ·xᵢ when normalize=false)",
+    reference="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
+    min_models=1,
+    per_model=("weights",),
+)

@@ -1,0 +1,47 @@
+"""The contract every merge operator module in mgc.stdlib fulfils.
+
+An operator is a tensor-wise function lifted over models. Its module defines:
+
+* ``Params``: a pydantic model of its parameters, validated once per distinct
+  set of resolved values (a parameter written as a layer gradient or a selector
+  table is resolved to a plain number for each output tensor first);
+* ``merge(tensors, params, base)``: the math on float32 tensors of one shape;
+* ``OPERATOR``: an :class:`Operator` naming the two and the arity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+MergeFn = Callable[[Sequence[torch.Tensor], BaseModel, Optional[torch.Tensor]], torch.Tensor]
+
+
+class OpParams(BaseModel):
+    """Base class of every operator's parameter schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    params: type[OpParams]
+    merge: MergeFn
+    doc: str
+    min_models: int = 1
+    max_models: Optional[int] = None
+    # "required": a `base = model` keyword must be given; "optional": may be; "none": refused.
+    base: Literal["none", "optional", "required"] = "none"
+    # parameters that take one value per input model (a list as long as the models)
+    per_model: tuple[str, ...] = field(default=())
+    reference: str = ""
+
+    def arity_text(self) -> str:
+        if self.max_models is None:
+            return f"{self.min_models} or more models"
+        if self.min_models == self.max_models:
+            return f"exactly {self.min_models} model{'s' if self.min_models != 1 else ''}"
+        return f"{self.min_models} to {self.max_models} models"

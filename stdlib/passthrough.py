@@ -1,0 +1,31 @@
+"""Copy one model's tensor, optionally scaled: scale·x.
+
+Used for `with` overrides and `stack` (layer selection needs no math). Reference: mergekit's passthrough.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from pydantic import Field, FiniteFloat
+
+from .operator import Operator, OpParams
+
+
+class Params(OpParams):
+    scale: FiniteFloat = Field(1.0, description="factor applied to the tensor")
+
+
+def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] * params.scale
+
+
+OPERATOR = Operator(
+    name="passthrough",
+    params=Params,
+    merge=merge,
+    doc="scale·x",
+    reference="mergekit passthrough (Goddard et al. 2024, arXiv:2403.13257)",
+    min_models=1,
+    max_models=1,
+)

@@ -1,0 +1,44 @@
+"""Task arithmetic: base + λ·Σ wᵢ(xᵢ − base), divided by Σ wᵢ when ``normalize`` is on.
+
+Reference: Ilharco et al., "Editing models with task arithmetic" (2023), arXiv:2212.04089; as mergekit's task_arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from pydantic import Field, FiniteFloat
+
+from .operator import Operator, OpParams
+
+
+class Params(OpParams):
+    weights: Optional[list[FiniteFloat]] = Field(None, description="one weight per model; default 1.0 each")
+    normalize: bool = Field(False, description="divide the weighted sum of task vectors by the sum of the weights")
+    lambda_: FiniteFloat = Field(1.0, alias="lambda", description="scale of the merged task vector")
+
+
+def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=base.dtype, device=base.device)
+    # Accumulated model by model in float32 in mergekit's order (which stacks all deltas first).
+    delta = torch.zeros_like(base)
+    for i, x in enumerate(tensors):
+        delta += (x - base) * w[i]
+    if params.normalize:
+        divisor = w.sum()
+        delta /= torch.where(divisor.abs() < 1e-8, 1.0, divisor)  # as mergekit: a ~zero sum divides by 1
+    if params.lambda_ != 1:
+        delta.mul_(params.lambda_)
+    return base + delta
+
+
+OPERATOR = Operator(
+    name="task_arithmetic",
+    params=Params,
+    merge=merge,
+    doc="base + λ·Σ wᵢ(xᵢ − base) (/ Σ wᵢ when normalize)",
+    reference="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
+    min_models=1,
+    base="required",
+    per_model=("weights",),
+)
