@@ -213,6 +213,11 @@ class Checker:
         if not isinstance(arg, Str):
             raise RecipeTypeError(f"model() takes a path string, not {kind_of(arg)}", e.args[0].span)
         path = (self.base_dir / os.path.expanduser(arg.value)).resolve()
+        if not path.exists():
+            from mgc.runtime import hub
+
+            if hub.looks_like_hub_id(arg.value):
+                path = hub.fetch(arg.value, arg.span).resolve()
         ckpt = self.checkpoints.get(path)
         if ckpt is None:
             from mgc.runtime.checkpoint import Checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import ast
 from .check import Program
@@ -81,7 +82,7 @@ class Plan:
         lines += ["", "outputs:"]
         for s in self.program.saves:
             n = sum(1 for x in self.graph.of_kind(Save) if self.graph.payload(x).output == s.path)
-            lines.append(f"  {s.path}  ({n} tensors)")
+            lines.append(f"  {_show_path(s.path)}  ({n} tensors)")
         if self.program.unused:
             lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
         return "\n".join(lines)
@@ -99,6 +100,13 @@ class Plan:
                 out.append(f'  n{i} -> n{n} [label="{pos}"];' if len(g.inputs(n)) > 1 else f"  n{i} -> n{n};")
         out.append("}")
         return "\n".join(out)
+
+
+def _show_path(path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _escape(s: str) -> str:

@@ -100,5 +100,28 @@ def graph(recipe, unoptimized):
     click.echo(p.to_dot())
 
 
+@main.command()
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True, help="The operator table in Markdown, as in the README.")
+def ops(name, markdown):
+    """List the merge operators, or show one operator's parameters."""
+    from mgc.compiler.errors import RecipeNameError, did_you_mean
+    from mgc.opdocs import describe, inputs_text, markdown_table
+    from mgc.stdlib import OPERATORS
+
+    if markdown:
+        click.echo(markdown_table())
+        return
+    if name is None:
+        width = max(map(len, OPERATORS))
+        for op in OPERATORS.values():
+            click.echo(f"{op.name:<{width}}  {inputs_text(op):<26}  {op.doc}")
+        return
+    op = OPERATORS.get(name)
+    if op is None:
+        _fail(RecipeNameError(f"unknown operator '{name}'", hint=did_you_mean(name, OPERATORS) or "`mgc ops` lists them"))
+    click.echo(describe(op))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

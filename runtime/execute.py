@@ -78,6 +78,7 @@ def execute(plan, device: str = "auto", force: bool = False, progress: bool = Tr
                 stats.bytes_written += p.nbytes
                 if bar is not None:
                     bar.update(p.nbytes)
+                    bar.set_postfix_str(f"{stats.tensors_written}/{bar.tensors} tensors", refresh=False)
             for i in inputs:
                 uses[i] -= 1
                 if uses[i] == 0:
@@ -131,5 +132,8 @@ def _progress(plan, enabled: bool) -> Optional[object]:
         return None
     from tqdm import tqdm
 
-    total = sum(p.nbytes for p in (plan.graph.payload(n) for n in plan.graph.nodes) if isinstance(p, Save))
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True)
+    saves = [p for p in (plan.graph.payload(n) for n in plan.graph.nodes) if isinstance(p, Save)]
+    bar = tqdm(total=sum(p.nbytes for p in saves), unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+               dynamic_ncols=True)
+    bar.tensors = len(saves)
+    return bar

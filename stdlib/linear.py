@@ -15,7 +15,7 @@ from .operator import Operator, OpParams
 
 class Params(OpParams):
     weights: Optional[list[FiniteFloat]] = Field(
-        None, description="one weight per model (may be negative); default 1.0 each"
+        None, description="one weight per model (may be negative)", json_schema_extra={"default_text": "1.0 each"}
     )
     normalize: bool = Field(True, description="divide by the sum of the weights")
 

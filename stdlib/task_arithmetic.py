@@ -13,7 +13,9 @@ from .operator import Operator, OpParams
 
 
 class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = Field(None, description="one weight per model; default 1.0 each")
+    weights: Optional[list[FiniteFloat]] = Field(
+        None, description="one weight per model", json_schema_extra={"default_text": "1.0 each"}
+    )
     normalize: bool = Field(False, description="divide the weighted sum of task vectors by the sum of the weights")
     lambda_: FiniteFloat = Field(1.0, alias="lambda", description="scale of the merged task vector")
 

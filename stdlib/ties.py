@@ -14,9 +14,11 @@ from .operator import Operator, OpParams
 
 
 class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = Field(None, description="one weight per model; default 1.0 each")
+    weights: Optional[list[FiniteFloat]] = Field(
+        None, description="one weight per model", json_schema_extra={"default_text": "1.0 each"}
+    )
     density: Optional[list[Annotated[float, Field(gt=0.0, le=1.0)]]] = Field(
-        None, description="fraction of each task vector's entries kept, by magnitude, in (0, 1]; default 1.0"
+        None, description="fraction of each task vector's entries kept, by magnitude", json_schema_extra={"default_text": "1.0 each"}
     )
     normalize: bool = Field(True, description="divide by the sum of the weights of the models agreeing with the sign")
     lambda_: FiniteFloat = Field(1.0, alias="lambda", description="scale of the merged task vector")
