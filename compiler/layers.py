@@ -50,9 +50,13 @@ def count_layers(config: Mapping, tensors) -> int:
 
 
 def layer_position(layer: Optional[int], num_layers: int) -> float:
-    """t in [0, 1] at which a gradient is read: i/(L-1) for layer i of L; 0 outside the layers."""
-    if layer is None or num_layers <= 1:
+    """t in [0, 1] at which a gradient is read: i/(L-1) for layer i of L; 0 outside the layers.
+
+    A model of a single layer reads t = 1, as mergekit does."""
+    if layer is None:
         return 0.0
+    if num_layers <= 1:
+        return 1.0
     return min(1.0, layer / (num_layers - 1))
 
 
