@@ -7,6 +7,7 @@ checkpoint exists and that the tensors merged together agree in name and shape
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ class Checker:
         base = self._model(e.value, env, stack, "the value before `with`")
         overrides = []
         for entry in e.table.entries:
-            selector = _selector(entry.key)
+            selector = _layer_bounds(_selector(entry.key), base.num_layers)
             model = self._model(entry.value, env, stack, f"the override for '{selector}'")
             matched = [n for n in base.tensors if selector.matches(n)]
             if not matched:
@@ -302,26 +303,47 @@ class Checker:
             raise RecipeTypeError(f"{op.name}() takes {op.arity_text()}, got {n}", e.span)
         base = None
         kwargs: dict[str, tuple[Value, Span]] = {}
+        aux: dict[str, tuple[ModelValue, ...]] = {}
+        aux_spans: list[Span] = []
         for k in e.kwargs:
             if k.name == "base":
                 if op.base == "none":
                     raise RecipeNameError(f"{op.name}() takes no base model", k.span, "remove `base = ...`")
                 base = self._model(k.value, env, stack, "base")
                 spans.insert(0, k.value.span)
+            elif k.name in op.model_params:
+                aux[k.name] = self._models_per_input(op, k, n, env, stack)
+                aux_spans += [k.value.span] * n
             else:
-                kwargs[k.name] = (self.eval(k.value, env, stack), k.span)
+                value = self.eval(k.value, env, stack)
+                if isinstance(value, ModelValue):
+                    raise RecipeTypeError(
+                        f"'{k.name}' cannot be a model", k.value.span,
+                        "models are positional arguments" + (", or `base = ...`" if op.base != "none" else ""),
+                    )
+                kwargs[k.name] = (value, k.span)
         if op.base == "required" and base is None:
             raise RecipeTypeError(f"{op.name}() needs a base model", e.span, f"add `base = <model>` to {op.name}(...)")
-        params = bind(op, kwargs, e.span, n)
+        params = bind(op, kwargs, e.span, n, extra_names=op.model_params + (("base",) if op.base != "none" else ()))
         inputs = ((base,) if base is not None else ()) + models
         reference = inputs[0]
         tensors = dict(reference.tensors)
-        for m, span in zip(inputs[1:], spans[1:]):
+        aux_models = tuple(m for name in op.model_params for m in aux.get(name, ()))
+        for m, span in zip(inputs[1:] + aux_models, spans[1:] + aux_spans):
             for name, spec in tensors.items():
                 other = m.tensors.get(name)
                 if other is None:
                     raise CheckpointError(f"{op.name}(): tensor '{name}' is missing from {_describe(m)}", span)
                 _same_shape(name, spec, other, span)
+            extra = [name for name in m.tensors if name not in tensors]
+            if extra:
+                raise CheckpointError(
+                    f"{op.name}(): tensor '{extra[0]}' is missing from {_describe(reference)}", spans[0],
+                    f"the inputs of {op.name}() must hold the same tensors"
+                    + (f"; {len(extra)} are missing in all" if len(extra) > 1 else ""),
+                )
+        params = {name: _bind_layers(v, reference.num_layers) for name, v in params.items()}
+        kwargs = {name: (_bind_layers(v, reference.num_layers), span) for name, (v, span) in kwargs.items()}
         value_spans = {}
         for k in e.kwargs:
             if k.name != "base":
@@ -332,7 +354,21 @@ class Checker:
                     f"selector '{selector}' in '{name}' matches no tensor", selector.span, _selector_hint(selector, tensors)
                 )
         resolved = resolve_all(op, params, value_spans, e.span, n, tensors, reference.num_layers)
-        return OpModel(op, models, base, params, resolved, e.span, tensors, reference.num_layers)
+        return OpModel(op, models, base, params, resolved, e.span, tensors, reference.num_layers, aux)
+
+    def _models_per_input(self, op, k: ast.Kwarg, n: int, env, stack) -> tuple[ModelValue, ...]:
+        """A model-valued parameter such as `fisher = [fa, fb]`: one model per input model."""
+        value = self.eval(k.value, env, stack)
+        items = value.items if isinstance(value, ListV) else (value,)
+        if len(items) != n:
+            raise RecipeTypeError(
+                f"'{k.name}' has {len(items)} model{'s' if len(items) != 1 else ''} for {n} input model{'s' if n != 1 else ''}",
+                k.value.span, f"give one {k.name} model per input model, in the same order",
+            )
+        for item, node in zip(items, k.value.items if isinstance(k.value, ast.List) else (k.value,)):
+            if not isinstance(item, ModelValue):
+                raise RecipeTypeError(f"'{k.name}' takes models, not {kind_of(item)}", node.span)
+        return tuple(items)
 
     # --- statements --------------------------------------------------------------------------
 
@@ -374,7 +410,7 @@ class Checker:
         if option is None:
             return DEFAULT_SHARD
         v = self.eval(option.value, {}, ())
-        if isinstance(v, Num) and v.value > 0:
+        if isinstance(v, Num) and v.value >= 1:
             return int(v.value)
         if isinstance(v, Str):
             size = parse_size(v.value)
@@ -405,6 +441,28 @@ def _selector(key) -> Selector:
     if isinstance(key, ast.KeyString):
         return Selector("pattern", key.value, span=key.span)
     return Selector("layers", start=key.start, stop=key.stop, span=key.span)
+
+
+def _layer_bounds(selector: Selector, num_layers: int) -> Selector:
+    """`layers[-2:]` counts from the end, as in stack's m.layers[-2:]."""
+    if selector.kind != "layers":
+        return selector
+    start, stop = selector.start, selector.stop
+    if start is not None and start < 0:
+        start += num_layers
+    if stop is not None and stop < 0:
+        stop += num_layers
+    return dataclasses.replace(selector, start=start, stop=stop)
+
+
+def _bind_layers(value: Value, num_layers: int) -> Value:
+    if isinstance(value, TableV):
+        return TableV(
+            tuple((_layer_bounds(s, num_layers), _bind_layers(v, num_layers)) for s, v in value.entries), value.span
+        )
+    if isinstance(value, ListV):
+        return ListV(tuple(_bind_layers(v, num_layers) for v in value.items), value.span)
+    return value
 
 
 def _selector_hint(selector: Selector, tensors) -> str:

@@ -47,9 +47,22 @@ class Apply:
     tensor: str  # the output tensor this was lowered for (for messages)
     shape: tuple[int, ...]
     span: Optional[Span] = field(default=None, compare=False)
+    # model-valued parameters: (name, count) of the inputs that follow the models, in order
+    aux: tuple[tuple[str, int], ...] = ()
 
     def key(self) -> tuple:
-        return ("apply", self.op, params_key(self.params), self.has_base)
+        return ("apply", self.op, params_key(self.params), self.has_base, self.aux)
+
+    def split(self, inputs: list) -> tuple[Optional[object], list, dict[str, list]]:
+        """(base, models, {aux name: inputs}) from the flat input list."""
+        base = inputs[0] if self.has_base else None
+        rest = list(inputs[1:] if self.has_base else inputs)
+        n_aux = sum(count for _, count in self.aux)
+        models, tail = rest[: len(rest) - n_aux], rest[len(rest) - n_aux:]
+        extra = {}
+        for name, count in self.aux:
+            extra[name], tail = tail[:count], tail[count:]
+        return base, models, extra
 
     @property
     def nbytes(self) -> int:  # computed in float32

@@ -36,8 +36,13 @@ def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:
         info = model.checkpoint.tensors[name]
         n = g.add(Load(model.checkpoint.path, name, info.shape, info.dtype))
     elif isinstance(model, OpModel):
-        inputs = [_lower(g, memo, m, name) for m in model.inputs]
-        apply = Apply(model.op.name, model.resolved[name], model.base is not None, name, model.tensors[name].shape, model.span)
+        aux = [(k, model.aux[k]) for k in model.op.model_params if k in model.aux]
+        sources = list(model.inputs) + [m for _, ms in aux for m in ms]
+        inputs = [_lower(g, memo, m, name) for m in sources]
+        apply = Apply(
+            model.op.name, model.resolved[name], model.base is not None, name, model.tensors[name].shape, model.span,
+            tuple((k, len(ms)) for k, ms in aux),
+        )
         n = g.add(apply, inputs)
     elif isinstance(model, WithModel):
         n = _lower(g, memo, model.source_of(name), name)

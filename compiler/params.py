@@ -148,16 +148,17 @@ def _doc_hint(op: Operator, field: Optional[str]) -> Optional[str]:
     return f"{_surface(op, field)}: {info.description}" if info.description else None
 
 
-def bind(op: Operator, kwargs: dict[str, tuple[Value, Span]], call_span: Span, n_models: int) -> dict[str, Value]:
+def bind(
+    op: Operator, kwargs: dict[str, tuple[Value, Span]], call_span: Span, n_models: int, extra_names=(),
+) -> dict[str, Value]:
     """Map keyword arguments to schema fields, checking names and value shapes."""
     names = surface_names(op)
     bound: dict[str, Value] = {}
     for key, (value, span) in kwargs.items():
         field = names.get(key)
         if field is None:
-            hint = did_you_mean(key, names) or (
-                f"{op.name}() takes {', '.join(sorted(names)) or 'no parameters'}"
-            )
+            known = sorted(names) + list(extra_names)
+            hint = did_you_mean(key, known) or (f"{op.name}() takes {', '.join(known) or 'no parameters'}")
             raise RecipeNameError(f"{op.name}() got an unknown parameter '{key}'", span, hint)
         check_value(value, key, field in op.per_model, n_models)
         bound[field] = value

@@ -126,6 +126,7 @@ class OpModel(ModelValue):
     span: Span
     tensors: dict[str, TensorSpec]
     num_layers: int
+    aux: dict[str, tuple[ModelValue, ...]] = field(default_factory=dict)  # model-valued params, by name
 
     @property
     def inputs(self) -> tuple[ModelValue, ...]:

@@ -36,6 +36,10 @@ def parse(text: str, name: str = "<recipe>") -> ast.Recipe:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, source) from None
+    keywords = sorted(tree.scan_values(lambda v: isinstance(v, Token) and v.type == "NAME" and str(v) in KEYWORDS),
+                      key=lambda t: (t.line, t.column))
+    if keywords:
+        raise RecipeSyntaxError(f"'{keywords[0]}' is a keyword and cannot be a name", _span(source, keywords[0]))
     try:
         statements = _ToAst(source).transform(tree)
     except VisitError as e:
@@ -66,13 +70,11 @@ class _ToAst(Transformer):
     # statements
     def assign(self, meta, c):
         name, value = c
-        self._not_keyword(name)
         return ast.Assign(str(name), value, self._s(meta), _span(self.source, name))
 
     def def_(self, meta, c):
         name, *params, body = c
         params = [p for p in params if p is not None]
-        self._not_keyword(name)
         seen = set()
         for p in params:
             if str(p) in seen:
@@ -82,7 +84,7 @@ class _ToAst(Transformer):
 
     def save(self, meta, c):
         value, path, options = c
-        return ast.Save(value, _unquote(path), tuple(options or ()), self._s(meta), _span(self.source, path))
+        return ast.Save(value, _unquote(path, self.source), tuple(options or ()), self._s(meta), _span(self.source, path))
 
     def options(self, meta, c):
         return [o for o in c if o is not None]
@@ -98,7 +100,7 @@ class _ToAst(Transformer):
         return ast.Number(value, self._s(meta))
 
     def string(self, meta, c):
-        return ast.String(_unquote(c[0]), self._s(meta))
+        return ast.String(_unquote(c[0], self.source), self._s(meta))
 
     def name(self, meta, c):
         return ast.Name(str(c[0]), self._s(meta))
@@ -117,7 +119,7 @@ class _ToAst(Transformer):
         return ast.KeyName(str(c[0]), self._s(meta))
 
     def key_string(self, meta, c):
-        return ast.KeyString(_unquote(c[0]), self._s(meta))
+        return ast.KeyString(_unquote(c[0], self.source), self._s(meta))
 
     def key_layers(self, meta, c):
         name, (start, stop) = c
@@ -144,10 +146,11 @@ class _ToAst(Transformer):
                 raise RecipeSyntaxError(
                     "positional argument after a keyword argument", a.span, "put the models first, then name = value"
                 )
-        names = [k.name for k in kwargs]
+        seen_names = set()
         for k in kwargs:
-            if names.count(k.name) > 1:
+            if k.name in seen_names:
                 raise RecipeSyntaxError(f"parameter '{k.name}' given twice", k.span)
+            seen_names.add(k.name)
         return ast.Call(str(func), positional, kwargs, self._s(meta), _span(self.source, func))
 
     def kwarg(self, meta, c):
@@ -166,13 +169,16 @@ class _ToAst(Transformer):
         value, table = c
         return ast.With(value, table, self._s(meta))
 
-    def _not_keyword(self, tok: Token) -> None:
-        if str(tok) in KEYWORDS:
-            raise RecipeSyntaxError(f"'{tok}' is a keyword and cannot be a name", _span(self.source, tok))
 
 
-def _unquote(tok: Token) -> str:
-    return pyast.literal_eval(str(tok))
+def _unquote(tok: Token, source: Source) -> str:
+    try:
+        return pyast.literal_eval(str(tok))
+    except (SyntaxError, ValueError) as e:
+        raise RecipeSyntaxError(
+            f"bad escape in string: {e.args[0] if e.args else e}", _span(source, tok),
+            "escapes are as in Python strings; write a backslash as \\\\",
+        ) from None
 
 
 _READABLE = {
@@ -202,6 +208,9 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> RecipeSyntaxError:
         tok = e.token
         span = Span(source, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
         expected = set(e.expected)
+        prev = (e.token_history or [None])[-1]
+        if tok.type == "EQUAL" and prev is not None and prev.type in ("SAVE", "DEF", "TO", "WITH"):
+            return RecipeSyntaxError(f"'{prev}' is a keyword and cannot be a name", _span(source, prev))
         msg = f"unexpected {_token_text(tok)}; expected {_describe(expected)}"
         if "RPAR" in expected and tok.type in ("NAME", "STRING", "SIGNED_NUMBER"):
             hint = "a ',' or a ')' is missing before this"
@@ -214,9 +223,11 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> RecipeSyntaxError:
         elif "EQUAL" in expected and tok.type == "LPAR":
             hint = "a statement is `name = expression`, `def name(params) = expression` or `save expression to \"dir\"`"
     elif isinstance(e, (UnexpectedToken, UnexpectedEOF)):
-        lines = source.text.splitlines() or [""]
+        lines = source.text.split("\n")
+        while len(lines) > 1 and not lines[-1].strip():
+            lines.pop()
         line = len(lines)
-        col = len(lines[-1]) + 1
+        col = len(lines[-1].rstrip("\r")) + 1
         span = Span(source, line, col, line, col + 1)
         expected = set(getattr(e, "expected", ()) or ())
         msg = "unexpected end of file" + (f"; expected {_describe(expected)}" if expected else "")
