@@ -8,6 +8,7 @@ every output is complete.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -111,10 +112,13 @@ def execute(plan, device: str = "auto", force: bool = False, progress: bool = Tr
 def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     op = OPERATORS[p.op]
     xs = [t.to(device=dev, dtype=torch.float32) for t in tensors]
-    base = xs[0] if p.has_base else None
-    models = xs[1:] if p.has_base else xs
+    base, models, extra = p.split(xs)
+    for name in op.model_params:
+        extra.setdefault(name, None)
+    if op.random:
+        extra["generator"] = tensor_generator(p.params.seed, p.tensor)
     try:
-        out = op.merge(models, p.params, base)
+        out = op.merge(models, p.params, base, **extra)
     except MgcError:
         raise
     except Exception as e:
@@ -125,6 +129,12 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Te
             "check the inputs and parameters of this operation for that tensor",
         )
     return out
+
+
+def tensor_generator(seed: int, tensor: str) -> torch.Generator:
+    """A CPU generator for one tensor: the same seed and name give the same numbers on any device."""
+    digest = hashlib.sha256(f"{seed}:{tensor}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _progress(plan, enabled: bool) -> Optional[object]:

@@ -5,8 +5,17 @@ An operator is a tensor-wise function lifted over models. Its module defines:
 * ``Params``: a pydantic model of its parameters, validated once per distinct
   set of resolved values (a parameter written as a layer gradient or a selector
   table is resolved to a plain number for each output tensor first);
-* ``merge(tensors, params, base)``: the math on float32 tensors of one shape;
+* ``merge(tensors, params, base, **extra)``: the math on float32 tensors of one shape;
 * ``OPERATOR``: an :class:`Operator` naming the two and the arity.
+
+``extra`` holds, by name, what an operator asks for beyond its models:
+
+* for each name in ``model_params`` (keyword parameters that take one model per input
+  model, such as ``fisher = [fa, fb]``), the list of those models' tensors, or None when
+  the recipe does not give it;
+* ``generator`` for a ``random`` operator: a CPU ``torch.Generator`` seeded from the
+  recipe's ``seed`` and the tensor's name, so results do not depend on the order of work
+  or the device. Draw random numbers on the CPU with it, then move them to the device.
 """
 from __future__ import annotations
 
@@ -38,6 +47,10 @@ class Operator:
     # parameters that take one value per input model (a list as long as the models)
     per_model: tuple[str, ...] = field(default=())
     reference: str = ""
+    # keyword parameters that take one model per input model (lowered as extra graph inputs)
+    model_params: tuple[str, ...] = field(default=())
+    # draws random numbers: its Params has an int `seed` and merge() gets a `generator`
+    random: bool = False
 
     def arity_text(self) -> str:
         if self.max_models is None:
