@@ -72,18 +72,22 @@ class Checker:
         self.defs: dict[str, ast.Def] = {}
         self.checkpoints: dict[Path, object] = {}
         self.errors: list[MgcError] = []
-        self.used: set[str] = set()
+        self.reads: dict[int, set[int]] = {}  # statement -> the assignments it read
+        self.current_reads: set[int] = set()
+        self.bound_at: dict[str, int] = {}
 
     def run(self) -> Program:
         for stmt in self.recipe.statements:
             if isinstance(stmt, ast.Def):
                 self._define(stmt)
         saves: list[SaveSpec] = []
-        for stmt in self.recipe.statements:
+        for index, stmt in enumerate(self.recipe.statements):
+            self.reads[index] = self.current_reads = set()
             try:
                 if isinstance(stmt, ast.Assign):
                     self.poisoned.discard(stmt.name)
                     self.globals[stmt.name] = self.eval(stmt.value, {}, ())
+                    self.bound_at[stmt.name] = index
                 elif isinstance(stmt, ast.Save):
                     saves.append(self._save(stmt, saves))
             except _Poisoned:
@@ -99,8 +103,21 @@ class Checker:
             ))
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
-        unused = [s.name for s in self.recipe.statements if isinstance(s, ast.Assign) and s.name not in self.used]
-        return Program(saves, self.checkpoints, unused)
+        return Program(saves, self.checkpoints, self._unused())
+
+    def _unused(self) -> list[str]:
+        """Assigned names that no save needs, directly or through other assignments."""
+        needed: set[int] = set()
+        todo = [i for i, s in enumerate(self.recipe.statements) if isinstance(s, ast.Save)]
+        while todo:
+            i = todo.pop()
+            for j in self.reads.get(i, ()):
+                if j not in needed:
+                    needed.add(j)
+                    todo.append(j)
+        statements = self.recipe.statements
+        names = [s.name for i, s in enumerate(statements) if isinstance(s, ast.Assign) and i not in needed]
+        return list(dict.fromkeys(names))
 
     def _define(self, stmt: ast.Def) -> None:
         if stmt.name in self.defs:
@@ -137,7 +154,7 @@ class Checker:
         if e.id in self.poisoned:
             raise _Poisoned(e.id)
         if e.id in self.globals:
-            self.used.add(e.id)
+            self.current_reads.add(self.bound_at[e.id])
             return _respan(self.globals[e.id], e.span)
         if e.id in CONSTANTS:
             return Bool(CONSTANTS[e.id], e.span)

@@ -69,6 +69,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{file}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():

@@ -97,7 +97,7 @@ def execute(plan, device: str = "auto", force: bool = False, progress: bool = Tr
     except BaseException:
         for w in writers.values():
             w.abort()
-        for out in staged.values():
+        for out in reversed(list(staged.values())):
             out.abort()
         raise
     finally:

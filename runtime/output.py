@@ -28,6 +28,11 @@ class StagedOutput:
 
     def __init__(self, target: Path):
         self.target = target
+        self.created: list[Path] = []  # parent folders this output made, innermost first
+        p = target.parent
+        while not p.exists():
+            self.created.append(p)
+            p = p.parent
         target.parent.mkdir(parents=True, exist_ok=True)
         self.folder = target.parent / f".{target.name}.mgc-tmp-{os.getpid()}"
         if self.folder.exists():
@@ -57,3 +62,8 @@ class StagedOutput:
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        for p in self.created:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                break

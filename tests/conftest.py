@@ -1,0 +1,26 @@
+"""Shared fixtures for the pass, runtime and end-to-end tests."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+MODELS = EXAMPLES / "models"
+
+
+@pytest.fixture
+def repo_root(monkeypatch) -> Path:
+    """Run with the repository root as working directory (recipes name examples/models/... relative to it)."""
+    monkeypatch.chdir(REPO)
+    return REPO
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    """A private copy of examples/models (base, code, math, prose) that a test may damage."""
+    dest = tmp_path / "models"
+    shutil.copytree(MODELS, dest)
+    return dest
