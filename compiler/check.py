@@ -341,6 +341,12 @@ class Checker:
                 kwargs[k.name] = (value, k.span)
         if op.base == "required" and base is None:
             raise RecipeTypeError(f"{op.name}() needs a base model", e.span, f"add `base = <model>` to {op.name}(...)")
+        for name in op.required_model_params:
+            if name not in aux:
+                raise RecipeTypeError(
+                    f"{op.name}() needs '{name}': one model per input model", e.span,
+                    f"add `{name} = [{', '.join(f'{name}{i + 1}' for i in range(n))}]` to {op.name}(...)",
+                )
         params = bind(op, kwargs, e.span, n, extra_names=op.model_params + (("base",) if op.base != "none" else ()))
         inputs = ((base,) if base is not None else ()) + models
         reference = inputs[0]

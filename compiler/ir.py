@@ -69,7 +69,10 @@ class Apply:
         return math.prod(self.shape) * 4
 
     def label(self) -> str:
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in self.params.model_dump(by_alias=True).items())
+        shown = ", ".join(
+            [f"{k}={_fmt(v)}" for k, v in self.params.model_dump(by_alias=True).items()]
+            + [f"{name}=<{count} models>" for name, count in self.aux]
+        )
         return f"{self.op}({shown})"
 
 

@@ -5,6 +5,36 @@ Reference: "Functionality-Oriented LLM Merging on the Fisher–Rao Manifold" (20
 Unlike mergekit's karcher (equal weights only, computed in the input dtype, sources with ‖x‖ <= tol
 dropped and those with θ < tol skipped) mgc takes per-model weights, iterates in float64, drops sources
 with ‖x‖ <= 1e-8 and uses θ/sinθ → 1 instead of skipping small angles.
+
+Diagonal-Fisher preconditioning (``fisher = [fa, fb, ...]``, one Fisher model per input model; the
+paper's "Connection to Fisher geometry": Fisher estimates as a natural-gradient-style preconditioning
+inside the Log map). With uᵢ = xᵢ/‖xᵢ‖, αᵢ the weights normalised to sum 1 over the sources with a
+direction (‖xᵢ‖ > 1e-8; the others get αᵢ = 0) and Fᵢ ≥ 0 the diagonal Fishers, each coordinate j gets
+per-model weights normalised across the models:
+
+    Wᵢ(j) = αᵢFᵢ(j) / Σₖ αₖFₖ(j)          where Σₖ αₖFₖ(j) > 0,
+    Wᵢ(j) = αᵢ                             where Σₖ αₖFₖ(j) = 0 (no model has Fisher there),
+
+so Σᵢ Wᵢ(j) = 1 for every j. One iteration, from u (‖u‖ = 1):
+
+    Log_u(uᵢ) = θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u),   cosθᵢ = ⟨u, uᵢ⟩   (0 for an antipodal source, as without Fisher)
+    V = Σᵢ Wᵢ ⊙ Log_u(uᵢ)                 (⊙: per coordinate)
+    T = V − ⟨V, u⟩·u                       (V projected onto the tangent space at u)
+    u ← Exp_u(T) = cos‖T‖·u + sin‖T‖·T/‖T‖, renormalised; stop when ‖T‖ < tol.
+
+The start is u₀ = normalise(Σᵢ Wᵢ ⊙ uᵢ) (the first direction-bearing source's if that is ~0), and the result is
+u*·Σ αᵢ‖xᵢ‖ with αᵢ normalised over all sources, exactly as without Fisher: the Fisher reweights
+directions, coordinate by coordinate, and leaves the norm rule alone.
+
+Why: in coordinate j the step moves u toward the models that are sensitive there (high Fᵢ(j)), so each
+expert's high-Fisher coordinates are protected from being averaged away by experts that do not care about
+them. In the flat limit (Log_u(uᵢ) ≈ uᵢ − u) the fixed point is u ∝ Σᵢ Wᵢ ⊙ uᵢ: Fisher-weighted averaging
+(Matena & Raffel 2022) of the directions. Because the weights are normalised per coordinate across models,
+equal Fishers (F₁ = … = F_N = F, even if F varies over coordinates) give Wᵢ(j) = αᵢ and plain karcher up to
+float rounding, scaling all Fishers by one constant changes nothing, and a coordinate where every Fisher is
+0 falls back to αᵢ; no ε is needed since the weights are formed in float64 and an all-zero column is
+detected exactly. Fishers must be non-negative (a ValueError otherwise). Without ``fisher`` the update is
+exactly the plain one above.
 """
 from __future__ import annotations
 
@@ -14,6 +44,7 @@ from typing import Annotated, Optional, Sequence
 import torch
 from pydantic import Field, field_validator
 
+from .fisher_merge import check_fishers
 from .operator import Operator, OpParams
 
 EPS = 1e-8
@@ -34,8 +65,13 @@ class Params(OpParams):
         return v
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor],
+    fisher: Optional[Sequence[torch.Tensor]] = None,
+) -> torch.Tensor:
     n = len(tensors)
+    if fisher is not None:
+        check_fishers("karcher", fisher, tensors)
     if n == 1:
         return tensors[0].clone()
     x = torch.empty((n, tensors[0].numel()), dtype=torch.float64, device=tensors[0].device)
@@ -55,7 +91,12 @@ def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.
         return torch.zeros_like(tensors[0])
     a = a / a_sum
 
-    u = a @ units
+    if fisher is None:
+        u = a @ units
+    else:
+        fw = _fisher_weights(fisher, a)  # [n, d]: Wᵢ(j), each column sums to 1
+        fwu = fw * units  # Wᵢ ⊙ uᵢ
+        u = fwu.sum(dim=0)
     u_norm = torch.linalg.vector_norm(u)
     if u_norm < EPS:  # the directions cancel out (e.g. antipodal): start at the first valid one
         u = units[int(valid.nonzero()[0])].clone()
@@ -67,8 +108,13 @@ def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.
         theta = torch.arccos(cos)
         # θ/sinθ = 1/sinc(θ/π): exactly 1 at θ = 0. An antipodal source (θ = π) has no Log map; it adds nothing.
         sinc = torch.sinc(theta / math.pi)
-        coef = torch.where(sinc > 1e-12, a / sinc, 0.0)
-        tangent = coef @ units - (coef @ cos) * u  # Σ αᵢ·θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u)
+        if fisher is None:
+            coef = torch.where(sinc > 1e-12, a / sinc, 0.0)
+            tangent = coef @ units - (coef @ cos) * u  # Σ αᵢ·θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u)
+        else:
+            coef = torch.where(sinc > 1e-12, 1.0 / sinc, 0.0)
+            v = coef @ fwu - ((coef * cos) @ fw) * u  # Σ Wᵢ ⊙ θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u)
+            tangent = v - (v @ u) * u  # onto the tangent space at u
         t_norm = torch.linalg.vector_norm(tangent)
         if t_norm < params.tol:
             break
@@ -76,6 +122,20 @@ def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.
         u = u / torch.linalg.vector_norm(u)
 
     return (scale * u).reshape(tensors[0].shape).to(torch.float32)
+
+
+def _fisher_weights(fisher: Sequence[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
+    """Wᵢ(j) = aᵢFᵢ(j) / Σₖ aₖFₖ(j), or aᵢ where that sum is 0, as an [n, d] float64 matrix."""
+    fw = torch.empty((len(fisher), fisher[0].numel()), dtype=torch.float64, device=a.device)
+    for row, f in zip(fw, fisher):
+        row.copy_(f.reshape(-1))
+    fw.mul_(a[:, None])
+    total = fw.sum(dim=0)
+    none = total == 0
+    fw.div_(torch.where(none, 1.0, total))
+    if none.any():
+        fw[:, none] = a[:, None]
+    return fw
 
 
 OPERATOR = Operator(
@@ -86,4 +146,5 @@ OPERATOR = Operator(
     reference="Functionality-Oriented LLM Merging on the Fisher–Rao Manifold, arXiv:2603.04972 (§3.3–3.4)",
     min_models=1,
     per_model=("weights",),
+    model_params=("fisher",),
 )

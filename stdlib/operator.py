@@ -49,6 +49,8 @@ class Operator:
     reference: str = ""
     # keyword parameters that take one model per input model (lowered as extra graph inputs)
     model_params: tuple[str, ...] = field(default=())
+    # those of model_params that must be given
+    required_model_params: tuple[str, ...] = field(default=())
     # draws random numbers: its Params has an int `seed` and merge() gets a `generator`
     random: bool = False
 

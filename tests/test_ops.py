@@ -38,12 +38,14 @@ rng = np.random.default_rng(0)
 
 
 def test_registry_and_metadata():
-    assert set(OPERATORS) == {"linear", "slerp", "karcher", "task_arithmetic", "ties", "passthrough"}
+    assert {"linear", "slerp", "karcher", "task_arithmetic", "ties", "passthrough"} <= set(OPERATORS)
     for name, op in OPERATORS.items():
         assert op.name == name and op.doc and op.reference
         fields = op.params.model_fields
         for p in op.per_model:
             assert p in fields
+        assert set(op.required_model_params) <= set(op.model_params)
+        assert not op.random or "seed" in fields
     assert OPERATORS["slerp"].min_models == OPERATORS["slerp"].max_models == 2
     assert OPERATORS["passthrough"].max_models == 1
     assert OPERATORS["ties"].base == OPERATORS["task_arithmetic"].base == "required"

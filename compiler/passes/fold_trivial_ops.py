@@ -18,7 +18,7 @@ from ..ir import Apply, Graph
 
 Rule = Callable[[Apply, tuple], Optional[int]]
 
-_AVERAGING = {"slerp", "karcher", "linear", "multislerp", "nuslerp"}
+_AVERAGING = {"slerp", "karcher", "linear", "multislerp", "nuslerp", "fisher_merge"}
 
 
 def _slerp_t0(p: Apply, inputs: tuple) -> Optional[int]:
@@ -40,7 +40,9 @@ def _single_source(p: Apply, inputs: tuple) -> Optional[int]:
 
 
 def _identical_inputs(p: Apply, inputs: tuple) -> Optional[int]:
-    if p.op not in _AVERAGING or len(inputs) < 2 or len(set(inputs)) != 1:
+    """An average of one model with itself is that model, whatever the (Fisher) weights."""
+    base, models, _ = p.split(list(inputs))
+    if p.op not in _AVERAGING or base is not None or len(models) < 2 or len(set(models)) != 1:
         return None
     if p.op == "linear" and not p.params.normalize:
         return None
