@@ -7,6 +7,7 @@ or one value for all models.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from pydantic import ValidationError
@@ -106,7 +107,8 @@ def resolve_all(
             values[name] = v
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
         if key not in by_key:
-            by_key[key] = _validate(op, values, spans, call_span, tensor, len(tensors) > 1)
+            varying = {name for name, value in params.items() if _varies(value, name in per_model)}
+            by_key[key] = _validate(op, values, spans, call_span, tensor, varying)
         out[tensor] = by_key[key]
     return out
 
@@ -115,18 +117,32 @@ def _surface(op: Operator, field: str) -> str:
     return op.params.model_fields[field].alias or field
 
 
-def _validate(op: Operator, values: dict[str, Any], spans: dict[str, Span], call_span: Span, tensor: str, many: bool):
+def _varies(value: Value, per_model: bool = False) -> bool:
+    """Whether a parameter can take different values for different tensors."""
+    if isinstance(value, TableV):
+        return True
+    if isinstance(value, ListV):
+        if per_model:
+            return any(_varies(v) for v in value.items)
+        return len(value.items) > 1
+    return False
+
+
+def _validate(op: Operator, values: dict[str, Any], spans: dict[str, Span], call_span: Span, tensor: str, varying: set):
     try:
         return op.params.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
         loc = err["loc"][0] if err["loc"] else None
         field = loc if loc in op.params.model_fields else surface_names(op).get(loc) if isinstance(loc, str) else None
+        if field is None:  # a check across fields: blame the first field its message names
+            words = set(re.findall(r"[A-Za-z_]+", err["msg"]))
+            field = next((f for name, f in surface_names(op).items() if name in words and f in values), None)
         if err["type"] == "missing" and field:
             raise RecipeTypeError(f"{op.name}() needs the parameter '{_surface(op, field)}'", call_span, _doc_hint(op, field)) from None
         shown = f"{_surface(op, field)}" if field else ""
         got = f" = {_show(values[field])}" if field in values else ""
-        where = f" (for tensor '{tensor}')" if many else ""
+        where = f" (for tensor '{tensor}')" if varying & ({field} if field else set(values)) else ""
         message = err["msg"].removeprefix("Value error, ")
         span = spans.get(_surface(op, field), call_span) if field else call_span
         prefix = f"{op.name}(): {shown}{got}{where}: " if field else f"{op.name}(){where}: "

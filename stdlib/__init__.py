@@ -12,6 +12,19 @@ _MODULES = (
     "task_arithmetic",
     "ties",
     "passthrough",
+    "multislerp",
+    "nuslerp",
+    "model_stock",
+    "arcee_fusion",
+    "nearswap",
+    "fisher_merge",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "sce",
 )
 
 OPERATORS: dict[str, Operator] = {}

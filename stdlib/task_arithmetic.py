@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 from pydantic import Field, FiniteFloat
 
+from . import sparsify as sp
 from .operator import Operator, OpParams
 
 
@@ -21,17 +22,9 @@ class Params(OpParams):
 
 
 def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=base.dtype, device=base.device)
-    # Accumulated model by model in float32 in mergekit's order (which stacks all deltas first).
-    delta = torch.zeros_like(base)
-    for i, x in enumerate(tensors):
-        delta += (x - base) * w[i]
-    if params.normalize:
-        divisor = w.sum()
-        delta /= torch.where(divisor.abs() < 1e-8, 1.0, divisor)  # as mergekit: a ~zero sum divides by 1
-    if params.lambda_ != 1:
-        delta.mul_(params.lambda_)
-    return base + delta
+    weights = sp.per_model(params.weights, len(tensors), 1.0, "weights", "task_arithmetic")
+    # Accumulated model by model in float32, as mergekit's sum over its stacked deltas.
+    return base + sp.weighted_sum((x - base for x in tensors), weights, params.normalize, params.lambda_)
 
 
 OPERATOR = Operator(

@@ -10,6 +10,7 @@ from typing import Annotated, Optional, Sequence
 import torch
 from pydantic import Field, FiniteFloat
 
+from . import sparsify as sp
 from .operator import Operator, OpParams
 
 
@@ -21,42 +22,16 @@ class Params(OpParams):
         None, description="fraction of each task vector's entries kept, by magnitude", json_schema_extra={"default_text": "1.0 each"}
     )
     normalize: bool = Field(True, description="divide by the sum of the weights of the models agreeing with the sign")
+    rescale: bool = Field(False, description="scale each trimmed task vector back to its original L1 norm")
     lambda_: FiniteFloat = Field(1.0, alias="lambda", description="scale of the merged task vector")
-
-
-def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    if density >= 1:
-        return delta
-    k = int(density * delta.numel())  # floor, as mergekit
-    if k == 0:
-        raise ValueError(
-            f"ties: density {density} keeps no entry of a tensor of {delta.numel()} elements "
-            f"(int(density * numel) = 0); raise the density for this tensor"
-        )
-    # The same (unstable) argsort as mergekit, so ties in |δ| break the same way on the same device.
-    keep = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[keep] = 1
-    return delta * mask.reshape(delta.shape)
 
 
 def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
     n = len(tensors)
-    densities = params.density or [1.0] * n
-    deltas = torch.stack([_trim(x - base, d) for x, d in zip(tensors, densities)])
-    w = torch.tensor(params.weights or [1.0] * n, dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape(-1, *[1] * base.dim())
-    weighted = deltas * w
-
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)  # a zero sum elects +
-    agree = (weighted.sign() == elected).to(weighted.dtype)  # zero entries never agree
-    mixed = (weighted * agree).sum(dim=0)
-    if params.normalize:
-        divisor = (w * agree).sum(dim=0)
-        mixed /= torch.where(divisor == 0, 1.0, divisor)
-    if params.lambda_ != 1:
-        mixed *= params.lambda_
-    return base + mixed
+    densities = sp.per_model(params.density, n, 1.0, "density", "ties")
+    weights = sp.per_model(params.weights, n, 1.0, "weights", "ties")
+    deltas = [sp.magnitude(x - base, d, params.rescale) for x, d in zip(tensors, densities)]
+    return base + sp.disjoint_merge(deltas, weights, params.normalize, params.lambda_)
 
 
 OPERATOR = Operator(
