@@ -30,9 +30,10 @@ def compile_recipe(
 def run(
     recipe: str | Path, *, text: Optional[str] = None, device: str = "auto", force: bool = False,
     progress: bool = False, allow_pickle: bool = False, output: Optional[str | Path] = None,
+    max_memory: Optional[int] = None,
 ) -> tuple[Plan, RunStats]:
     plan = compile_recipe(recipe, text=text, allow_pickle=allow_pickle, output=output)
-    return plan, execute(plan, device=device, force=force, progress=progress)
+    return plan, execute(plan, device=device, force=force, progress=progress, max_memory=max_memory)
 
 
 def _redirect(program: Program, output: Path) -> None:

@@ -30,19 +30,27 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace output folders that exist and are not empty.")
 @click.option("--dry-run", is_flag=True, help="Check and plan, print the plan, write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints, which can run code: only for trusted files.")
+@click.option("--max-memory", metavar="SIZE", help="Cap on tensor memory, e.g. 8GB; the run is refused if the plan needs more.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def run(recipe, output, device, force, dry_run, allow_pickle, quiet):
+def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet):
     """Merge: run RECIPE and write its saves."""
     from mgc.api import compile_recipe
     from mgc.runtime.execute import execute
     from mgc.compiler.plan import format_bytes
 
+    from mgc.compiler.check import parse_size
+
+    cap = None
+    if max_memory is not None:
+        cap = parse_size(max_memory)
+        if cap is None:
+            raise click.BadParameter(f"not a size: {max_memory!r} (e.g. 8GB, 512MiB)", param_hint="--max-memory")
     try:
         plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output)
         if dry_run:
             click.echo(plan.summary())
             return
-        stats = execute(plan, device=device, force=force, progress=not quiet)
+        stats = execute(plan, device=device, force=force, progress=not quiet, max_memory=cap)
     except MgcError as e:
         _fail(e)
     if not quiet:

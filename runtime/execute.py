@@ -9,8 +9,8 @@ every output is complete.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,10 +18,12 @@ import torch
 
 from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
 from mgc.compiler.ir import Apply, Graph, Load, Save
+from mgc.compiler.plan import format_bytes
 from mgc.stdlib import OPERATORS
 
 from .devices import pick_device
 from .output import StagedOutput, check_target
+from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
 
 
@@ -35,15 +37,32 @@ class RunStats:
     seconds: float = 0.0
 
 
-def execute(plan, device: str = "auto", force: bool = False, progress: bool = True) -> RunStats:
-    """Execute `plan` (a mgc.compiler.plan.Plan) and write each of its saves."""
-    import time
+DEFAULT_PREFETCH = 1 << 30
 
+
+def execute(
+    plan, device: str = "auto", force: bool = False, progress: bool = True, max_memory: Optional[int] = None,
+) -> RunStats:
+    """Execute `plan` (a mgc.compiler.plan.Plan) and write each of its saves.
+
+    Input tensors are read ahead on a background thread, within `max_memory` less what the
+    schedule itself holds (the plan's peak estimate), or 1 GiB when no cap is given; finished
+    tensors are written on another thread while the next ones compute.
+    """
     start = time.perf_counter()
     dev = pick_device(device)
     graph: Graph = plan.graph
     for save in plan.program.saves:
         check_target(save.path, force, save.span)
+    prefetch = DEFAULT_PREFETCH
+    if max_memory is not None:
+        need = plan.peak_memory()
+        if need > max_memory:
+            raise MergeRuntimeError(
+                f"this merge needs about {format_bytes(need)} of tensor memory, more than --max-memory "
+                f"{format_bytes(max_memory)}", hint="`mgc plan` shows the estimate; raise the cap",
+            )
+        prefetch = max(0, min(max_memory - need, 4 * DEFAULT_PREFETCH))
     checkpoints = plan.program.checkpoints
     order = graph.graph["order"]
     uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
@@ -52,6 +71,10 @@ def execute(plan, device: str = "auto", force: bool = False, progress: bool = Tr
     staged: dict = {}
     writers: dict = {}
     bar = _progress(plan, progress)
+    loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
+             if isinstance(graph.payload(n), Load)]
+    reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
+    writer_thread = WriterThread()
     try:
         for save in plan.program.saves:
             out = staged[save.path] = StagedOutput(save.path)
@@ -62,28 +85,22 @@ def execute(plan, device: str = "auto", force: bool = False, progress: bool = Tr
             p = graph.payload(n)
             inputs = graph.inputs(n)
             if isinstance(p, Load):
-                t = checkpoints[p.checkpoint].read(p.tensor)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    info = checkpoints[p.checkpoint].tensors[p.tensor]
-                    raise CheckpointError(f"{info.file}: tensor '{p.tensor}' holds NaN or Inf values")
-                values[n] = t
+                values[n] = reader.take(n, p.nbytes)
                 stats.tensors_read += 1
                 stats.bytes_read += p.nbytes
             elif isinstance(p, Apply):
                 values[n] = _apply(p, [values[i] for i in inputs], dev)
                 stats.ops_run += 1
             elif isinstance(p, Save):
-                t = values[inputs[0]].to(dtype=p.dtype).to("cpu")
-                writers[p.output].write(p.tensor, t)
+                t = values[inputs[0]].to(dtype=p.dtype)
+                writer_thread.submit(_write_job(writers[p.output], p.tensor, t, bar, p.nbytes))
                 stats.tensors_written += 1
                 stats.bytes_written += p.nbytes
-                if bar is not None:
-                    bar.update(p.nbytes)
-                    bar.set_postfix_str(f"{stats.tensors_written}/{bar.tensors} tensors", refresh=False)
             for i in inputs:
                 uses[i] -= 1
                 if uses[i] == 0:
                     values.pop(i, None)
+        writer_thread.finish()
         for save in plan.program.saves:
             writers.pop(save.path).close()
             out = staged[save.path]
@@ -95,18 +112,46 @@ def execute(plan, device: str = "auto", force: bool = False, progress: bool = Tr
         for save in plan.program.saves:
             staged.pop(save.path).commit()
     except BaseException:
+        reader.close()
+        try:
+            writer_thread.finish()
+        except BaseException:
+            pass
         for w in writers.values():
             w.abort()
         for out in reversed(list(staged.values())):
             out.abort()
         raise
     finally:
+        reader.close()
         if bar is not None:
             bar.close()
         for ckpt in checkpoints.values():
             ckpt.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _reader(checkpoints, p: Load):
+    def read() -> torch.Tensor:
+        ckpt = checkpoints[p.checkpoint]
+        t = ckpt.read(p.tensor)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{ckpt.tensors[p.tensor].file}: tensor '{p.tensor}' holds NaN or Inf values")
+        return t
+
+    return read
+
+
+def _write_job(writer: ShardedWriter, name: str, t: torch.Tensor, bar, nbytes: int):
+    def job() -> None:
+        writer.write(name, t.to("cpu"))
+        if bar is not None:
+            bar.update(nbytes)
+            bar.tensors_done += 1
+            bar.set_postfix_str(f"{bar.tensors_done}/{bar.tensors} tensors", refresh=False)
+
+    return job
 
 
 def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
@@ -146,4 +191,5 @@ def _progress(plan, enabled: bool) -> Optional[object]:
     bar = tqdm(total=sum(p.nbytes for p in saves), unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
                dynamic_ncols=True)
     bar.tensors = len(saves)
+    bar.tensors_done = 0
     return bar

@@ -404,7 +404,8 @@ def test_recipe_slerp_t0_never_reads_the_second_model(models, tmp_path):
     assert {g.payload(n).checkpoint for n in g.of_kind(Load)} == {(models / "base").resolve()}
     assert plan.checkpoints_read() == [(models / "base").resolve()]
     assert plan.reports[1].fired == {"slerp_t0": 75}
-    assert plan.reports[3].fired == {"load": 75}  # code's loads were dead
+    dead = next(r for r in plan.reports if r.name == "eliminate_dead_nodes")
+    assert dead.fired == {"load": 75}  # code's loads were dead
     for s in g.of_kind(Save):
         assert g.payload(source_of_save(g, s)).tensor == g.payload(s).tensor
 
@@ -432,3 +433,39 @@ def test_recipe_unoptimized_graph_keeps_everything(models, tmp_path):
     plan = _compile(models, f'save slerp(base, code, t = 0) to "{tmp_path}/o"\n', optimize_graph=False)
     assert plan.graph.counts() == {"load": 150, "apply": 75, "save": 75}
     _check_schedule(plan.graph)
+
+
+# --- fuse_linear -------------------------------------------------------------------------------
+
+
+def test_fuse_linear_multiplies_out_nested_weights(tmp_path):
+    from mgc.compiler.passes import fuse_linear
+    from mgc.stdlib.linear import Params as LinearParams
+
+    g = Graph()
+    a, b, c = (g.add(Load(Path(f"/m/{x}"), "w", (2,), torch.float32)) for x in "abc")
+    inner = g.add(Apply("linear", LinearParams(weights=[1, 3]), False, "w", (2,)), (a, b))
+    outer = g.add(Apply("linear", LinearParams(weights=[2, 1]), False, "w", (2,)), (inner, c))
+    g.add(Save(Path("/o"), "w", (2,), torch.float32), (outer,))
+    fuse_linear(g)
+    (fused,) = g.of_kind(Apply)
+    assert g.inputs(fused) == (a, b, c)
+    p = g.payload(fused).params
+    # (2/3)·(¼a + ¾b) + (1/3)·c
+    assert p.normalize is False
+    assert p.weights == pytest.approx([2 / 3 * 1 / 4, 2 / 3 * 3 / 4, 1 / 3])
+    assert g.graph["fired"]["fuse_linear"] == {"linear_of_linear": 1}
+
+
+def test_fuse_linear_keeps_a_shared_inner_sum(tmp_path):
+    from mgc.compiler.passes import fuse_linear
+    from mgc.stdlib.linear import Params as LinearParams
+
+    g = Graph()
+    a, b, c = (g.add(Load(Path(f"/m/{x}"), "w", (2,), torch.float32)) for x in "abc")
+    inner = g.add(Apply("linear", LinearParams(), False, "w", (2,)), (a, b))
+    outer = g.add(Apply("linear", LinearParams(), False, "w", (2,)), (inner, c))
+    g.add(Save(Path("/o1"), "w", (2,), torch.float32), (outer,))
+    g.add(Save(Path("/o2"), "w", (2,), torch.float32), (inner,))
+    fuse_linear(g)
+    assert len(g.of_kind(Apply)) == 2  # the inner sum is saved too: fusing would compute it twice

@@ -12,12 +12,14 @@ from ..ir import Graph
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_nodes import eliminate_dead_nodes
 from .fold_trivial_ops import fold_trivial_ops
+from .fuse_linear import fuse_linear
 from .schedule_blocks import schedule_blocks
 
 PASSES: tuple[Callable[[Graph], Graph], ...] = (
     eliminate_common_subexpressions,
     fold_trivial_ops,
     eliminate_common_subexpressions,
+    fuse_linear,
     eliminate_dead_nodes,
     schedule_blocks,
 )
@@ -42,4 +44,4 @@ def optimize(graph: Graph, passes=PASSES) -> list[PassReport]:
 
 
 __all__ = ["PASSES", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
-           "fold_trivial_ops", "schedule_blocks"]
+           "fold_trivial_ops", "fuse_linear", "schedule_blocks"]
