@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folders: config, tensor index from safetensors headers, lazy reads.
 
-Opening a checkpoint reads only config.json and each shard's header; tensor data
-is read on demand, one tensor at a time, through safetensors' memory-mapped reader.
+Opening a checkpoint reads only config.json and each shard's header (parsed and validated
+here); tensor data is read on demand, one tensor at a time, straight into its own buffer.
 Pickle (`.bin`) checkpoints are refused unless the caller allows them.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = -1  # where its bytes start in the file (safetensors); -1 for pickles
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +83,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor '{name}' has an unreadable header entry: {entry!r}") from None
-        info = TensorInfo(name, file, dtype, shape)
+        info = TensorInfo(name, file, dtype, shape, 8 + n + begin)
         if end > data_size:
             raise CheckpointError(
                 f"{file}: tensor '{name}' lies past the end of the file (truncated: needs {end} data bytes, has {data_size})"
@@ -157,17 +158,24 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor '{name}'")
         if self._state is not None:
             return self._state[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        # Read the tensor's bytes straight into its own buffer: one copy, and no memory map whose
+        # touched pages would count against the process while the whole file streams through.
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e}") from None
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
+            handle.seek(info.offset)
+            got = handle.readinto(memoryview(buf.numpy())) if info.nbytes else 0
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e.strerror or e}") from None
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.file}: tensor '{name}' is cut short ({got} of {info.nbytes} bytes; truncated?)")
+        return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
     def tokenizer_files(self) -> list[Path]:

@@ -136,7 +136,7 @@ def _reader(checkpoints, p: Load):
     def read() -> torch.Tensor:
         ckpt = checkpoints[p.checkpoint]
         t = ckpt.read(p.tensor)
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise CheckpointError(f"{ckpt.tensors[p.tensor].file}: tensor '{p.tensor}' holds NaN or Inf values")
         return t
 
@@ -168,12 +168,21 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Te
         raise
     except Exception as e:
         raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise MergeRuntimeError(
             f"{p.op}() produced NaN or Inf in tensor '{p.tensor}'", p.span,
             "check the inputs and parameters of this operation for that tensor",
         )
     return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. A sum is one pass with no bool tensor, and any NaN or Inf makes it non-finite;
+    only when the sum itself is not finite (or overflowed) is every element looked at."""
+    if t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def tensor_generator(seed: int, tensor: str) -> torch.Generator:

@@ -4,7 +4,9 @@
 Reference: "Functionality-Oriented LLM Merging on the Fisher–Rao Manifold" (2026), arXiv:2603.04972, §3.3–3.4.
 Unlike mergekit's karcher (equal weights only, computed in the input dtype, sources with ‖x‖ <= tol
 dropped and those with θ < tol skipped) mgc takes per-model weights, iterates in float64, drops sources
-with ‖x‖ <= 1e-8 and uses θ/sinθ → 1 instead of skipping small angles.
+with ‖x‖ <= 1e-8 and uses θ/sinθ → 1 instead of skipping small angles. Without Fisher, the iteration runs
+on the coefficients of u in the span of the units (see ``_karcher_in_span``): the same iteration, on the
+N×N Gram matrix, so its cost is two passes over the data whatever max_iter is.
 
 Diagonal-Fisher preconditioning (``fisher = [fa, fb, ...]``, one Fisher model per input model; the
 paper's "Connection to Fisher geometry": Fisher estimates as a natural-gradient-style preconditioning
@@ -74,6 +76,8 @@ def merge(
         check_fishers("karcher", fisher, tensors)
     if n == 1:
         return tensors[0].clone()
+    if fisher is None:
+        return _karcher_in_span(tensors, params)
     x = torch.empty((n, tensors[0].numel()), dtype=torch.float64, device=tensors[0].device)
     for row, t in zip(x, tensors):
         row.copy_(t.reshape(-1))
@@ -122,6 +126,68 @@ def merge(
         u = u / torch.linalg.vector_norm(u)
 
     return (scale * u).reshape(tensors[0].shape).to(torch.float32)
+
+
+def _gram(tensors: Sequence[torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
+    """G = X·Xᵀ in float64 for the flattened sources, accumulated in column chunks to bound memory."""
+    flat = [t.reshape(-1) for t in tensors]
+    g = torch.zeros((len(flat), len(flat)), dtype=torch.float64, device=flat[0].device)
+    for start in range(0, flat[0].numel(), chunk):
+        block = torch.stack([x[start:start + chunk] for x in flat]).double()
+        g += block @ block.T
+    return g
+
+
+def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params) -> torch.Tensor:
+    """The plain iteration, carried out on coefficients: u = Σ cᵢuᵢ stays in the span of the units, so
+    every quantity it needs is a function of the units' Gram matrix. ⟨u, uᵢ⟩ = (Ĝc)ᵢ, the tangent
+    T = Σ coefᵢuᵢ − (coef·cos)u has coefficients coef − (coef·cos)c and ‖T‖² = tᵀĜt. This is the same
+    fixed-point iteration as the dense one, in float64, at the cost of one pass over the data for Ĝ and
+    one for the result, with no [N, d] float64 copy."""
+    n = len(tensors)
+    gram = _gram(tensors)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    w = torch.tensor(params.weights or [1.0] * n, dtype=torch.float64, device=gram.device)
+    alpha = w / w.sum()
+    scale = alpha @ norms
+
+    valid = norms > EPS
+    a = torch.where(valid, alpha, 0.0)
+    if not a.sum() > 0:  # every source with weight has zero norm, so scale is ~0 too
+        return torch.zeros_like(tensors[0])
+    a = a / a.sum()
+    inv = torch.where(valid, 1.0 / torch.where(valid, norms, 1.0), 0.0)
+    unit_gram = gram * inv[:, None] * inv[None, :]  # Ĝᵢⱼ = ⟨uᵢ, uⱼ⟩ (0 for zero-norm sources)
+
+    def norm_of(c: torch.Tensor) -> torch.Tensor:
+        return (c @ unit_gram @ c).clamp_min(0).sqrt()
+
+    c = a.clone()
+    c_norm = norm_of(c)
+    if c_norm < EPS:  # the directions cancel out (e.g. antipodal): start at the first valid one
+        c = torch.zeros_like(a)
+        c[int(valid.nonzero()[0])] = 1.0
+    else:
+        c = c / c_norm
+
+    for _ in range(params.max_iter):
+        cos = (unit_gram @ c).clamp_(-1.0, 1.0)
+        theta = torch.arccos(cos)
+        # θ/sinθ = 1/sinc(θ/π): exactly 1 at θ = 0. An antipodal source (θ = π) has no Log map; it adds nothing.
+        sinc = torch.sinc(theta / math.pi)
+        coef = torch.where(valid & (sinc > 1e-12), a / sinc, 0.0)
+        tangent = coef - (coef @ cos) * c  # Σ αᵢ·θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u), as coefficients of the units
+        t_norm = norm_of(tangent)
+        if t_norm < params.tol:
+            break
+        c = torch.cos(t_norm) * c + torch.sin(t_norm) * (tangent / t_norm)
+        c = c / norm_of(c)
+
+    coefficients = (scale * c * inv).to(torch.float32)  # result = scale·Σ cᵢ·xᵢ/‖xᵢ‖
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for k, x in zip(coefficients, tensors):
+        out.add_(x, alpha=float(k))
+    return out
 
 
 def _fisher_weights(fisher: Sequence[torch.Tensor], a: torch.Tensor) -> torch.Tensor:

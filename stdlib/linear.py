@@ -32,9 +32,12 @@ class Params(OpParams):
 def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
     x0 = tensors[0]
     w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=x0.dtype, device=x0.device)
-    out = torch.zeros_like(x0)
-    for i, x in enumerate(tensors):
-        out += x * w[i]
+    # Σ wᵢ·xᵢ term by term, each product rounded before it is added (as mergekit, for the same bits);
+    # the first term starts the sum (0 + a == a) and one scratch buffer serves the others.
+    out = x0 * w[0]
+    scratch = torch.empty_like(x0) if len(tensors) > 1 else None
+    for i, x in enumerate(tensors[1:], 1):
+        out += torch.mul(x, w[i], out=scratch)
     if params.normalize:
         out /= w.sum()
     return out
