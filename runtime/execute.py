@@ -156,7 +156,9 @@ def _write_job(writer: ShardedWriter, name: str, t: torch.Tensor, bar, nbytes: i
 
 def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     op = OPERATORS[p.op]
-    xs = [t.to(device=dev, dtype=torch.float32) for t in tensors]
+    # Pinned host tensors (the reader pins when the device is a GPU) copy without blocking; the op
+    # runs on the same stream, after its copies.
+    xs = [t.to(device=dev, non_blocking=True).float() for t in tensors]
     base, models, extra = p.split(xs)
     for name in op.model_params:
         extra.setdefault(name, None)

@@ -183,10 +183,10 @@ def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params) -> torch.T
         c = torch.cos(t_norm) * c + torch.sin(t_norm) * (tangent / t_norm)
         c = c / norm_of(c)
 
-    coefficients = (scale * c * inv).to(torch.float32)  # result = scale·Σ cᵢ·xᵢ/‖xᵢ‖
+    coefficients = (scale * c * inv).tolist()  # result = scale·Σ cᵢ·xᵢ/‖xᵢ‖
     out = torch.zeros_like(tensors[0], dtype=torch.float32)
     for k, x in zip(coefficients, tensors):
-        out.add_(x, alpha=float(k))
+        out.add_(x, alpha=k)
     return out
 
 
