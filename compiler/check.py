@@ -25,11 +25,12 @@ from .errors import (
 from .layers import count_layers
 from .params import bind, resolve_all, unmatched_selectors
 from .values import (
-    Bool, CheckpointModel, Function, LayerRange, ListV, ModelValue, Num, OpModel, Selector, StackModel,
+    Bool, CheckpointModel, FisherModel, Function, LayerRange, ListV, ModelValue, Num, OpModel, Selector, StackModel,
     Str, TableV, TensorSpec, Value, WithModel, kind_of, stack_sources,
 )
 
-BUILTINS = ("model", "ramp", "stack")
+BUILTINS = ("model", "ramp", "stack", "fisher")
+FISHER_PARAMS = ("data", "samples", "max_length")
 CONSTANTS = {"true": True, "false": False}
 SAVE_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "f16": torch.float16,
@@ -56,6 +57,8 @@ class Program:
     saves: list[SaveSpec]
     checkpoints: dict[Path, object] = field(default_factory=dict)
     unused: list[str] = field(default_factory=list)
+    # fisher(...) values by cache folder: mgc.fisher computes the missing ones before a run
+    fishers: dict[Path, FisherModel] = field(default_factory=dict)
 
 
 class _Poisoned(Exception):
@@ -71,6 +74,7 @@ class Checker:
         self.poisoned: set[str] = set()
         self.defs: dict[str, ast.Def] = {}
         self.checkpoints: dict[Path, object] = {}
+        self.fishers: dict[Path, FisherModel] = {}
         self.errors: list[MgcError] = []
         self.reads: dict[int, set[int]] = {}  # statement -> the assignments it read
         self.current_reads: set[int] = set()
@@ -103,7 +107,7 @@ class Checker:
             ))
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
-        return Program(saves, self.checkpoints, self._unused())
+        return Program(saves, self.checkpoints, self._unused(), self.fishers)
 
     def _unused(self) -> list[str]:
         """Assigned names that no save needs, directly or through other assignments."""
@@ -188,6 +192,8 @@ class Checker:
             return self._ramp(e, env, stack)
         if e.func == "stack":
             return self._stack(e, env, stack)
+        if e.func == "fisher":
+            return self._fisher(e, env, stack)
         op = OPERATORS.get(e.func)
         if op is None:
             hint = did_you_mean(e.func, list(OPERATORS) + list(BUILTINS) + list(self.defs))
@@ -249,6 +255,79 @@ class Checker:
             self.checkpoints[path] = ckpt
         tensors = {n: TensorSpec(i.shape, i.dtype) for n, i in ckpt.tensors.items()}
         return CheckpointModel(ckpt, e.span, tensors, count_layers(ckpt.config, tensors))
+
+    def _fisher(self, e: ast.Call, env, stack) -> FisherModel:
+        """`fisher(m, data = "file.txt", samples = 64, max_length = 256)`: checked here, computed before the run."""
+        from mgc import fisher as fz
+
+        usage = 'fisher(m, data = "file.txt", samples = 64, max_length = 256)'
+        if len(e.args) != 1:
+            raise RecipeTypeError(f"fisher() takes one model, got {len(e.args)} positional arguments", e.span, f"write {usage}")
+        opts: dict[str, ast.Kwarg] = {}
+        for k in e.kwargs:
+            if k.name not in FISHER_PARAMS:
+                raise RecipeNameError(
+                    f"fisher() got an unknown parameter '{k.name}'", k.span,
+                    did_you_mean(k.name, FISHER_PARAMS) or f"parameters: {', '.join(FISHER_PARAMS)}",
+                )
+            if k.name in opts:
+                raise RecipeTypeError(f"fisher() got '{k.name}' twice", k.span)
+            opts[k.name] = k
+        model = self._model(e.args[0], env, stack, "the argument of fisher()")
+        if not isinstance(model, CheckpointModel):
+            raise RecipeTypeError(
+                "fisher() needs a checkpoint model, not a merged or derived one", e.args[0].span,
+                'the Fisher is estimated by running a checkpoint with transformers: pass a model("...") value, '
+                "or save the merge first and load it with model(...)",
+            )
+        if "data" not in opts:
+            raise RecipeTypeError("fisher() needs `data = \"file.txt\"`: the text it is estimated on", e.span, f"write {usage}")
+        data = self.eval(opts["data"].value, env, stack)
+        if not isinstance(data, Str):
+            raise RecipeTypeError(f"fisher()'s data must be a path string, not {kind_of(data)}", opts["data"].value.span)
+        samples = self._count_option(opts.get("samples"), fz.DEFAULT_SAMPLES, 1, env, stack)
+        max_length = self._count_option(opts.get("max_length"), fz.DEFAULT_MAX_LENGTH, 2, env, stack)
+        path = (self.base_dir / os.path.expanduser(data.value)).resolve()
+        if not path.is_file():
+            raise CheckpointError(
+                f"no data file at '{data.value}'" if not path.exists() else f"data '{data.value}' is not a file", data.span,
+                "paths are relative to the working directory; fisher() reads a text file, documents separated by blank lines",
+            )
+        try:
+            info = fz.inspect_data(path)
+        except MgcError as err:
+            raise CheckpointError(err.message, data.span, err.hint) from None
+        ckpt = model.checkpoint
+        if not ckpt.tokenizer_files():
+            raise CheckpointError(
+                f"{ckpt.path}: no tokenizer files, which fisher() needs to tokenize the data", e.args[0].span,
+            )
+        try:
+            key = fz.fisher_key(ckpt.path, path, samples, max_length, data_sha256=info.sha256)
+        except OSError as err:
+            raise CheckpointError(f"{ckpt.path}: cannot read: {err.strerror or err}", e.args[0].span) from None
+        cache = fz.cache_path(key)
+        if not fz.is_cached(cache) and not fz.transformers_available():
+            raise MgcError(
+                "fisher() needs the transformers package to estimate a Fisher that is not cached yet", e.func_span,
+                "pip install 'mgc[eval]' (or pip install transformers)",
+            )
+        tensors = {
+            n: TensorSpec(s.shape, torch.float32 if s.dtype.is_floating_point else s.dtype) for n, s in model.tensors.items()
+        }
+        value = FisherModel(model, path, samples, max_length, key, cache, e.span, tensors, model.num_layers)
+        self.fishers.setdefault(cache, value)
+        return value
+
+    def _count_option(self, k: Optional[ast.Kwarg], default: int, minimum: int, env, stack) -> int:
+        if k is None:
+            return default
+        v = self.eval(k.value, env, stack)
+        if not isinstance(v, Num) or not float(v.value).is_integer():
+            raise RecipeTypeError(f"fisher()'s {k.name} must be a whole number, not {kind_of(v) if not isinstance(v, Num) else v.value}", k.value.span)
+        if v.value < minimum:
+            raise RecipeTypeError(f"fisher()'s {k.name} must be at least {minimum}, got {int(v.value)}", k.value.span)
+        return int(v.value)
 
     def _ramp(self, e: ast.Call, env, stack) -> ListV:
         if len(e.args) != 2 or e.kwargs:
@@ -520,6 +599,8 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
 def _describe(m: ModelValue) -> str:
     if isinstance(m, CheckpointModel):
         return f"checkpoint {m.checkpoint.path}"
+    if isinstance(m, FisherModel):
+        return f"the Fisher of checkpoint {m.model.checkpoint.path}"
     return f"the model at {m.span}"
 
 

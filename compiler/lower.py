@@ -8,7 +8,7 @@ from __future__ import annotations
 from .check import Program
 from .ir import Apply, Graph, Load, Save
 from .layers import layer_index
-from .values import CheckpointModel, ModelValue, OpModel, StackModel, WithModel
+from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, WithModel
 
 
 def lower(program: Program) -> Graph:
@@ -35,6 +35,9 @@ def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:
     if isinstance(model, CheckpointModel):
         info = model.checkpoint.tensors[name]
         n = g.add(Load(model.checkpoint.path, name, info.shape, info.dtype))
+    elif isinstance(model, FisherModel):  # its cache folder, written before the run by mgc.fisher
+        spec = model.tensors[name]
+        n = g.add(Load(model.cache_path, name, spec.shape, spec.dtype))
     elif isinstance(model, OpModel):
         aux = [(k, model.aux[k]) for k in model.op.model_params if k in model.aux]
         sources = list(model.inputs) + [m for _, ms in aux for m in ms]

@@ -85,6 +85,10 @@ class Plan:
             lines.append(f"  {_show_path(s.path)}  ({n} tensors)")
         if self.program.unused:
             lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
+        if getattr(self.program, "fishers", None):
+            from mgc.fisher import plan_lines
+
+            lines += plan_lines(self)
         return "\n".join(lines)
 
     def to_dot(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -114,6 +115,27 @@ class CheckpointModel(ModelValue):
     @property
     def config_source(self) -> "CheckpointModel":
         return self
+
+
+@dataclass(eq=False)
+class FisherModel(ModelValue):
+    """`fisher(m, data = "...")`: the diagonal Fisher of checkpoint model `m` on a text file. Its tensors are m's
+    names and shapes in float32; they are computed before the run (mgc.fisher) into the cache folder
+    `cache_path`, known from `key` at check time, and lowered to loads from that folder."""
+
+    model: CheckpointModel
+    data: Path
+    samples: int
+    max_length: int
+    key: str
+    cache_path: Path
+    span: Span
+    tensors: dict[str, TensorSpec]
+    num_layers: int
+
+    @property
+    def config_source(self) -> "CheckpointModel":
+        return self.model
 
 
 @dataclass(eq=False)

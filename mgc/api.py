@@ -33,7 +33,25 @@ def run(
     max_memory: Optional[int] = None,
 ) -> tuple[Plan, RunStats]:
     plan = compile_recipe(recipe, text=text, allow_pickle=allow_pickle, output=output)
+    prepare(plan, device=device, progress=progress, force=force)
     return plan, execute(plan, device=device, force=force, progress=progress, max_memory=max_memory)
+
+
+def prepare(plan: Plan, *, device: str = "auto", progress: bool = False, force: Optional[bool] = None) -> dict[Path, str]:
+    """What a plan needs before `execute`: each `fisher(...)` it reads is computed into its cache folder unless
+    cached, and that folder is registered as a checkpoint. Returns {cache folder: "cached" | "computed"}.
+    `compile_recipe` (check, plan) never computes; call this between it and `execute`. With `force` given, the
+    output folders are checked first (as `execute` does), so a refused target costs no Fisher computation."""
+    if not getattr(plan.program, "fishers", None):
+        return {}
+    from mgc.fisher import materialise
+    from mgc.runtime.output import check_target
+
+    if force is not None:
+        for save in plan.program.saves:
+            check_target(save.path, force, save.span)
+
+    return materialise(plan, device=device, progress=progress)
 
 
 def _redirect(program: Program, output: Path) -> None:

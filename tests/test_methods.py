@@ -84,3 +84,10 @@ def test_random_operators_are_reproducible(op, tmp_path):
     assert digests["a"] == digests["b"]
     if op != "arcee_fusion":  # arcee_fusion draws only for tensors of more than 1e6 entries
         assert digests["a"] != digests["c"]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "examples").glob("*.merge")), ids=lambda p: p.stem)
+def test_every_top_level_example_checks(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = compile_recipe(recipe)
+    assert plan.program.saves and plan.graph.of_kind  # checked, lowered and optimized

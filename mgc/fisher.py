@@ -1,0 +1,474 @@
+"""`fisher(model, data = "file.txt", samples = 64, max_length = 256)`: a checkpoint's diagonal Fisher on a text file.
+
+The estimator is the *empirical* diagonal Fisher on the data's own tokens:
+
+    F = (1/N) Σₙ (∇_θ log p_θ(xₙ))²,     log p_θ(xₙ) = Σ_{t≥1} log p_θ(xₙ,ₜ | xₙ,<ₜ),
+
+over the first N = `samples` documents xₙ of the file (each tokenized with the checkpoint's own tokenizer,
+special tokens included as the tokenizer adds them, truncated to `max_length` tokens; documents of fewer than
+2 tokens predict nothing and are skipped). The square is entrywise and of *per-sequence* gradients (batch size
+1): the mean of squared per-example gradients, as in Matena & Raffel's Fisher merging, not the square of a
+batch-mean gradient. The targets are the data's tokens, not tokens sampled from the model (the "true" Fisher
+would draw y ~ p_θ): this is deterministic (no sampling, so the same inputs give the same Fisher and the cache
+key below is meaningful), costs one forward and backward pass per document, and is what Fisher-merging
+implementations commonly compute in practice. The model runs in float32 in eval mode (no dropout); the Fisher
+is stored in float32.
+
+The result has exactly the checkpoint's tensor names and shapes. A checkpoint tensor that is a parameter of
+the transformers model gets that parameter's Fisher; when the model ties two names to one parameter (e.g.
+lm_head to the embeddings) and the checkpoint stores both, both names get the same Fisher; a tied name the
+checkpoint does not store is dropped. A checkpoint tensor that is a buffer of the model (e.g. rotary
+``inv_freq``) gets zeros. A floating tensor the model cannot account for is an error.
+
+Results are cached, as a Hugging Face-style folder (config.json copied from the model, model.safetensors of the
+Fisher tensors, fisher.json describing the inputs), at ``$MGC_CACHE/fisher/<key>`` (default
+``~/.cache/mgc/fisher/<key>``). The key is known without computing anything (see `fisher_key`), so `mgc check`
+and `mgc plan` do no tensor work; `mgc run` computes the missing ones before the merge (`materialise`). A cache
+folder is written in a temporary folder beside it and renamed into place, so a crash leaves no half cache.
+
+transformers (the ``mgc[eval]`` extra) is imported only when a Fisher is actually computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
+
+ESTIMATOR_VERSION = 1
+DEFAULT_SAMPLES = 64
+DEFAULT_MAX_LENGTH = 256
+INFO_FILE = "fisher.json"
+WEIGHTS_FILE = "model.safetensors"
+_SAMPLE_BYTES = 64  # bytes hashed at the start, middle and end of each stored tensor
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+PathLike = Union[str, os.PathLike]
+
+
+class FisherError(MgcError):
+    """A Fisher cannot be estimated: bad data, a missing package, an architecture whose names do not map."""
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+def split_documents(text: str) -> list[str]:
+    """Documents of a text file: paragraphs separated by blank lines when the text has any blank line,
+    else one document per non-empty line. Trailing whitespace is dropped; leading indentation is kept."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    body = text.strip("\n")
+    if re.search(r"\n[ \t]*\n", body):
+        parts = re.split(r"\n(?:[ \t]*\n)+", body)
+    else:
+        parts = body.split("\n")
+    return [p.lstrip("\n").rstrip() for p in parts if p.strip()]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    sha256: str
+    documents: int
+
+
+def inspect_data(path: PathLike) -> DataInfo:
+    """The data file's sha256 and document count (no tokenizer needed). Raises FisherError if unusable."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FisherError(f"cannot read data file '{path}': {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FisherError(f"data file '{path}' is not UTF-8 text (byte {e.start})") from None
+    docs = split_documents(text)
+    if not docs:
+        raise FisherError(f"data file '{path}' holds no text", hint="give a text file: documents separated by blank lines")
+    return DataInfo(hashlib.sha256(raw).hexdigest(), len(docs))
+
+
+def read_documents(path: PathLike) -> list[str]:
+    return split_documents(Path(path).read_bytes().decode("utf-8-sig"))
+
+
+# --- cache key -----------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$MGC_CACHE``, or ``~/.cache/mgc``."""
+    return Path(os.environ.get("MGC_CACHE") or "~/.cache/mgc").expanduser().resolve()
+
+
+def cache_path(key: str) -> Path:
+    return cache_root() / "fisher" / key
+
+
+def is_cached(path: PathLike) -> bool:
+    """A cache folder is complete when it exists at all (it is renamed into place only once written);
+    the files are checked anyway, in case someone deleted one by hand."""
+    path = Path(path)
+    return all((path / n).is_file() for n in ("config.json", WEIGHTS_FILE, INFO_FILE))
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = {f for pattern in _WEIGHT_PATTERNS for f in model_dir.glob(pattern) if f.is_file()}
+    return sorted(files, key=lambda p: p.name)
+
+
+def _fingerprint_weights(h, file: Path) -> None:
+    """Name, size and mtime of a weight file, plus (safetensors) its header bytes and a few bytes from the start,
+    middle and end of every tensor. The header alone is not enough: two fine-tunes of one architecture have
+    byte-identical headers; the sampled bytes tell them apart even when mtimes collide (copies, checkouts)."""
+    st = file.stat()
+    _part(h, "file", f"{file.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(file, "rb") as f:
+        windows: list[tuple[int, int]] = []
+        if file.suffix == ".safetensors" and st.st_size >= 8:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = f.read(min(n, st.st_size - 8))
+            _part(h, "header", header)
+            try:
+                entries = json.loads(header)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                entries = {}
+            base = 8 + n
+            for name, entry in sorted(entries.items()) if isinstance(entries, dict) else ():
+                try:
+                    begin, end = (int(o) for o in entry["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                mid = (begin + end) // 2
+                for start in (begin, mid - _SAMPLE_BYTES // 2, end - _SAMPLE_BYTES):
+                    start = max(begin, start)
+                    windows.append((base + start, min(_SAMPLE_BYTES, end - start)))
+        else:
+            step = max(1, st.st_size // 16)
+            windows = [(i * step, 4096) for i in range(16)]
+        for offset, size in windows:
+            f.seek(offset)
+            h.update(f.read(max(0, size)))
+
+
+def _part(h, tag: str, data: bytes) -> None:
+    h.update(tag.encode() + b"\0" + len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def fisher_key(
+    model_dir: PathLike, data_path: PathLike, samples: int = DEFAULT_SAMPLES, max_length: int = DEFAULT_MAX_LENGTH,
+    *, data_sha256: Optional[str] = None,
+) -> str:
+    """sha256 over: the estimator version; the model's config.json bytes; its tokenizer files' bytes (they decide
+    the tokens); each weight file's name, size, mtime, safetensors header bytes and sampled tensor bytes; the
+    data file's sha256 (its content, not its path); `samples` and `max_length`. Reads headers and a few bytes per
+    tensor, never whole tensors."""
+    from mgc.runtime.checkpoint import TOKENIZER_FILES
+
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    _part(h, "mgc-fisher", str(ESTIMATOR_VERSION).encode())
+    _part(h, "config", (model_dir / "config.json").read_bytes())
+    for name in sorted(TOKENIZER_FILES):
+        if (model_dir / name).is_file():
+            _part(h, f"tokenizer:{name}", (model_dir / name).read_bytes())
+    for file in _weight_files(model_dir):
+        _fingerprint_weights(h, file)
+    _part(h, "data", (data_sha256 or inspect_data(data_path).sha256).encode())
+    _part(h, "samples", str(int(samples)).encode())
+    _part(h, "max_length", str(int(max_length)).encode())
+    return h.hexdigest()
+
+
+# --- estimation ------------------------------------------------------------------------------------------
+
+
+def transformers_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise FisherError(
+            f"fisher() needs the transformers package to run the model, and it cannot be imported: {e}",
+            hint="pip install 'mgc[eval]' (or pip install transformers)",
+        ) from None
+    return transformers
+
+
+def estimate_fisher(
+    model_dir: PathLike, data_path: PathLike, samples: int = DEFAULT_SAMPLES, max_length: int = DEFAULT_MAX_LENGTH,
+    device: str = "auto", *, allow_pickle: bool = False, progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher of the checkpoint at `model_dir` on the first `samples` documents of
+    `data_path` (see the module docstring): {checkpoint tensor name: float32 CPU tensor of its shape}."""
+    return _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, progress)[0]
+
+
+def _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, progress):
+    from mgc.runtime.checkpoint import Checkpoint
+    from mgc.runtime.devices import pick_device
+
+    if samples < 1:
+        raise FisherError(f"samples must be at least 1, got {samples}")
+    if max_length < 2:
+        raise FisherError(f"max_length must be at least 2 (one token predicted), got {max_length}")
+    transformers = _import_transformers()
+    model_dir, data_path = Path(model_dir), Path(data_path)
+    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    ckpt.close()
+    docs = read_documents(data_path)
+    dev = pick_device(device)
+    start = time.perf_counter()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:
+        raise FisherError(f"{model_dir}: cannot load the checkpoint's tokenizer: {e}") from None
+    major = int(transformers.__version__.split(".")[0])
+    kwargs = {"dtype" if major >= 5 else "torch_dtype": torch.float32}
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except Exception as e:
+        raise FisherError(f"{model_dir}: transformers cannot load the checkpoint as a causal LM: {e}") from None
+    model.to(device=dev, dtype=torch.float32)
+    model.eval()
+
+    targets = _map_tensors(model, ckpt)
+    unique: dict[int, torch.nn.Parameter] = {}
+    for kind, p in targets.values():
+        if kind == "param":
+            unique.setdefault(id(p), p)
+    params = list(unique.values())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in unique)
+    acc = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=samples, desc=f"fisher {model_dir.name}", unit="doc", dynamic_ncols=True)
+    used = tokens = 0
+    try:
+        for doc in docs:
+            if used == samples:
+                break
+            ids = tokenizer(doc, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
+            if ids.shape[1] < 2:
+                continue
+            ids = ids.to(dev)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            loglik = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).sum()
+            grads = torch.autograd.grad(loglik, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                if g is not None:
+                    acc[id(p)].addcmul_(g, g)
+            used += 1
+            tokens += ids.shape[1] - 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if used == 0:
+        raise FisherError(
+            f"data file '{data_path}' has no document of at least 2 tokens", hint="each document needs a token to predict"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, info in ckpt.tensors.items():
+        kind, p = targets[name]
+        if kind == "param":
+            out[name] = (acc[id(p)] / used).to("cpu", torch.float32).contiguous()
+        else:
+            out[name] = torch.zeros(info.shape, dtype=torch.float32 if info.dtype.is_floating_point else info.dtype)
+    stats = {
+        "documents_used": used, "tokens_predicted": tokens, "documents_in_file": len(docs),
+        "device": str(dev), "seconds": round(time.perf_counter() - start, 3), "transformers": transformers.__version__,
+    }
+    return out, stats
+
+
+def _map_tensors(model, ckpt) -> dict[str, tuple[str, object]]:
+    """checkpoint tensor name -> ("param", the model's parameter) or ("zero", None)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def candidates(name: str):
+        yield name
+        if prefix:
+            yield f"{prefix}.{name}"
+            if name.startswith(prefix + "."):
+                yield name[len(prefix) + 1:]
+
+    out, missing = {}, []
+    for name, info in ckpt.tensors.items():
+        found = None
+        for cand in candidates(name):
+            if cand in params:
+                found = ("param", params[cand])
+                break
+            if cand in buffers or not info.dtype.is_floating_point:
+                found = ("zero", None)
+                break
+        if found is None:
+            missing.append(name)
+            continue
+        if found[0] == "param" and tuple(found[1].shape) != tuple(info.shape):
+            raise FisherError(
+                f"{ckpt.path}: tensor '{name}' has shape {list(info.shape)} in the checkpoint but "
+                f"{list(found[1].shape)} in the transformers model"
+            )
+        out[name] = found
+    if missing:
+        shown = ", ".join(f"'{n}'" for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FisherError(
+            f"{ckpt.path}: {len(missing)} checkpoint tensor{'s' if len(missing) != 1 else ''} match no parameter "
+            f"of the transformers model: {shown}",
+            hint="this architecture's parameter names differ from its checkpoint's (transformers renames or fuses "
+            "them on load); fisher() cannot map its gradients back",
+        )
+    return out
+
+
+# --- the cache ----------------------------------------------------------------------------------------------
+
+
+def cached_fisher(
+    model_dir: PathLike, data_path: PathLike, samples: int = DEFAULT_SAMPLES, max_length: int = DEFAULT_MAX_LENGTH,
+    device: str = "auto", *, allow_pickle: bool = False, progress: bool = False,
+) -> Path:
+    """The cache folder of this Fisher, computed and written (atomically) first if it is not there yet."""
+    model_dir, data_path = Path(model_dir).resolve(), Path(data_path).resolve()
+    data = inspect_data(data_path)
+    key = fisher_key(model_dir, data_path, samples, max_length, data_sha256=data.sha256)
+    dest = cache_path(key)
+    if is_cached(dest):
+        return dest
+    tensors, stats = _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, progress)
+    info = {
+        "estimator": "empirical diagonal Fisher: mean over documents of the squared per-document gradient of "
+        "sum_t log p(x_t | x_<t) on the data's own tokens (float32, batch size 1)",
+        "version": ESTIMATOR_VERSION,
+        "key": key,
+        "model": str(model_dir),
+        "data": str(data_path),
+        "data_sha256": data.sha256,
+        "samples": int(samples),
+        "max_length": int(max_length),
+        **stats,
+        "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_atomically(dest, model_dir, tensors, info)
+    return dest
+
+
+def _write_atomically(dest: Path, model_dir: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    from safetensors.torch import save_file
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name[:16]}-", dir=dest.parent))
+    try:
+        shutil.copyfile(model_dir / "config.json", tmp / "config.json")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mgc": "diagonal fisher"})
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if dest.exists() and not is_cached(dest):  # a damaged folder left by hand: replace it
+            shutil.rmtree(dest)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not is_cached(dest):  # not a concurrent writer that got there first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- before a run ------------------------------------------------------------------------------------------
+
+
+def fishers_used(plan) -> list:
+    """The FisherModels whose tensors the plan's graph loads, one per cache folder."""
+    from mgc.compiler.ir import Load
+
+    fishers = getattr(plan.program, "fishers", {})
+    loaded = {plan.graph.payload(n).checkpoint for n in plan.graph.of_kind(Load)}
+    return [fm for path, fm in fishers.items() if path in loaded]
+
+
+def plan_lines(plan) -> list[str]:
+    """Lines for a plan summary: each Fisher the run needs, cached or to compute."""
+    lines = []
+    for fm in fishers_used(plan):
+        state = "cached" if is_cached(fm.cache_path) else "to compute"
+        lines.append(
+            f"  fisher({fm.model.checkpoint.path.name}, data = {fm.data.name}, samples = {fm.samples}, "
+            f"max_length = {fm.max_length}): {state}  [{fm.cache_path}]"
+        )
+    return (["", "fisher:"] + lines) if lines else []
+
+
+def materialise(plan, device: str = "auto", progress: bool = False) -> dict[Path, str]:
+    """Compute every Fisher the plan loads that is not cached yet, then open each cache folder and register it
+    in ``plan.program.checkpoints`` for the runtime. Returns {cache folder: "cached" | "computed"}."""
+    from mgc.runtime.checkpoint import Checkpoint
+
+    done: dict[Path, str] = {}
+    for fm in fishers_used(plan):
+        path = fm.cache_path
+        if path in plan.program.checkpoints:
+            done[path] = "cached"
+            continue
+        state = "cached" if is_cached(path) else "computed"
+        ckpt = fm.model.checkpoint
+        try:
+            got = cached_fisher(
+                ckpt.path, fm.data, fm.samples, fm.max_length, device, allow_pickle=ckpt.pickled, progress=progress,
+            )
+        except MgcError as err:
+            if err.span is None:
+                err.span = fm.span
+            raise
+        except OSError as e:
+            raise MergeRuntimeError(f"fisher(): {e.strerror or e} ({e.filename or path.parent})", fm.span) from None
+        except Exception as e:  # torch or transformers failing mid-estimate (out of memory, a bad input)
+            raise MergeRuntimeError(f"fisher(): estimating the Fisher of {ckpt.path} failed: {e}", fm.span) from e
+        if got != path:
+            raise CheckpointError(
+                f"the checkpoint {ckpt.path} or the data file {fm.data} changed after the recipe was checked",
+                fm.span, "run again",
+            )
+        cache = Checkpoint.open(path, span=fm.span)
+        for name, spec in fm.tensors.items():
+            info = cache.tensors.get(name)
+            if info is None or info.shape != spec.shape or info.dtype != spec.dtype:
+                raise CheckpointError(
+                    f"{path}: the cached Fisher does not match its model at tensor '{name}'", fm.span,
+                    f"delete {path} to compute it again",
+                )
+        plan.program.checkpoints[path] = cache
+        done[path] = state
+    return done
