@@ -10,6 +10,7 @@ import torch
 
 from mgc.api import compile_recipe, run
 from mgc.compiler.errors import MgcError, RecipeNameError, RecipeTypeError
+from mgc.compiler.ir import Save
 from mgc.stdlib import OPERATORS
 
 ROOT = Path(__file__).parents[1]
@@ -90,4 +91,5 @@ def test_random_operators_are_reproducible(op, tmp_path):
 def test_every_top_level_example_checks(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
     plan = compile_recipe(recipe)
-    assert plan.program.saves and plan.graph.of_kind  # checked, lowered and optimized
+    saved = {plan.graph.payload(n).output for n in plan.graph.of_kind(Save)}
+    assert saved == {s.path for s in plan.program.saves}  # every output is lowered to save nodes
