@@ -37,7 +37,8 @@ class RunStats:
     seconds: float = 0.0
 
 
-DEFAULT_PREFETCH = 1 << 30
+DEFAULT_PREFETCH = 256 << 20
+WRITE_QUEUE_BYTES = 256 << 20
 
 
 def execute(
@@ -63,6 +64,7 @@ def execute(
                 f"{format_bytes(max_memory)}", hint="`mgc plan` shows the estimate; raise the cap",
             )
         prefetch = max(0, min(max_memory - need, 4 * DEFAULT_PREFETCH))
+    queue_bytes = min(WRITE_QUEUE_BYTES, prefetch) if max_memory is not None else WRITE_QUEUE_BYTES
     checkpoints = plan.program.checkpoints
     order = graph.graph["order"]
     uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
@@ -74,7 +76,7 @@ def execute(
     loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
              if isinstance(graph.payload(n), Load)]
     reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
-    writer_thread = WriterThread()
+    writer_thread = WriterThread(max_bytes=queue_bytes)
     try:
         for save in plan.program.saves:
             out = staged[save.path] = StagedOutput(save.path)
@@ -89,11 +91,17 @@ def execute(
                 stats.tensors_read += 1
                 stats.bytes_read += p.nbytes
             elif isinstance(p, Apply):
-                values[n] = _apply(p, [values[i] for i in inputs], dev)
+                # An input whose last use this is leaves `values` now, so that its float32 copy
+                # can replace it instead of joining it.
+                args = [values[i] for i in inputs]
+                for i in set(inputs):
+                    if uses[i] == inputs.count(i):
+                        values.pop(i)
+                values[n] = _apply(p, args, dev)
                 stats.ops_run += 1
             elif isinstance(p, Save):
                 t = values[inputs[0]].to(dtype=p.dtype)
-                writer_thread.submit(_write_job(writers[p.output], p.tensor, t, bar, p.nbytes))
+                writer_thread.submit(_write_job(writers[p.output], p.tensor, t, bar, p.nbytes), p.nbytes)
                 stats.tensors_written += 1
                 stats.bytes_written += p.nbytes
             for i in inputs:
@@ -158,12 +166,17 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Te
     op = OPERATORS[p.op]
     # Pinned host tensors (the reader pins when the device is a GPU) copy without blocking; the op
     # runs on the same stream, after its copies.
-    xs = [t.to(device=dev, non_blocking=True).float() for t in tensors]
+    xs = tensors
+    for k, t in enumerate(xs):  # in place, dropping each stored-dtype tensor once converted
+        xs[k] = t.to(device=dev, non_blocking=True).float()
+    del t
     base, models, extra = p.split(xs)
+    del xs
     for name in op.model_params:
         extra.setdefault(name, None)
     if op.random:
         extra["generator"] = tensor_generator(p.params.seed, p.tensor)
+    tensors.clear()
     try:
         out = op.merge(models, p.params, base, **extra)
     except MgcError:
@@ -183,8 +196,7 @@ def all_finite(t: torch.Tensor) -> bool:
     only when the sum itself is not finite (or overflowed) is every element looked at."""
     if t.numel() == 0:
         return True
-    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def tensor_generator(seed: int, tensor: str) -> torch.Generator:

@@ -66,29 +66,41 @@ class Prefetcher:
 
 
 class WriterThread:
-    """Runs write jobs in order on a background thread; at most `depth` wait in the queue."""
+    """Runs write jobs in order on a background thread; the jobs waiting hold at most `max_bytes`
+    (one job at least, whatever its size)."""
 
-    def __init__(self, depth: int = 8):
-        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.jobs: queue.Queue = queue.Queue()
+        self.max_bytes = max_bytes
+        self.pending = 0
+        self.cond = threading.Condition()
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, name="mgc-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
+            item = self.jobs.get()
+            if item is None:
                 return
+            job, nbytes = item
             if self.error is None:
                 try:
                     job()
                 except BaseException as e:
                     self.error = e
+            with self.cond:
+                self.pending -= nbytes
+                self.cond.notify_all()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.jobs.put(job)
+    def submit(self, job: Callable[[], None], nbytes: int = 0) -> None:
+        with self.cond:
+            while self.pending > 0 and self.pending + nbytes > self.max_bytes and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            self.pending += nbytes
+        self.jobs.put((job, nbytes))
 
     def finish(self) -> None:
         """Wait for every job; raise the first error one of them raised."""

@@ -62,15 +62,32 @@ def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, *, wide_no
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the max(1, int(density·numel)) entries of largest |δ|, as mergekit 0.1.5 does."""
+    """Keep the max(1, int(density·numel)) entries of largest |δ|, as mergekit 0.1.5 does.
+
+    The k-th largest magnitude is found by selection (O(n), where mergekit sorts everything), and
+    entries equal to it are kept by position, lowest index first, so the choice is the same on every
+    device. mergekit's unstable sort may keep other entries among those of exactly equal magnitude.
+    """
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))  # floor, but at least one entry
-    # The same (unstable) argsort as mergekit, so ties in |δ| break the same way on the same device.
-    keep = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[keep] = 1
-    return _rescaled(delta, mask.reshape(delta.shape), rescale, wide_norms=False)
+    n = delta.numel()
+    k = max(1, int(density * n))  # floor, but at least one entry
+    return _rescaled(delta, top_k_mask(delta.abs().reshape(-1), k).reshape(delta.shape), rescale, wide_norms=False)
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A 0/1 mask (in values' dtype) of the k largest of a flat tensor; ties at the k-th value by position."""
+    n = values.numel()
+    mask = torch.zeros(n, dtype=values.dtype, device=values.device)
+    if k >= n:
+        return mask.fill_(1)
+    threshold = torch.kthvalue(values.cpu() if values.device.type == "mps" else values, n - k + 1).values
+    above = values > threshold
+    mask[above] = 1
+    missing = k - int(above.sum())
+    if missing > 0:
+        mask[(values == threshold).nonzero().reshape(-1)[:missing]] = 1
+    return mask
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:

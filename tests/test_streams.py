@@ -49,9 +49,9 @@ def test_prefetcher_hands_its_error_to_the_consumer():
 
 def test_writer_thread_runs_jobs_in_order_and_reports_errors():
     done = []
-    w = WriterThread(depth=2)
+    w = WriterThread(max_bytes=2)
     for i in range(10):
-        w.submit(lambda i=i: done.append(i))
+        w.submit(lambda i=i: done.append(i), 1)
     w.finish()
     assert done == list(range(10))
 
