@@ -78,6 +78,13 @@ def merge(
         return tensors[0].clone()
     if fisher is None:
         return _karcher_in_span(tensors, params)
+    return _karcher_with_fisher(tensors, params, fisher)
+
+
+def _karcher_with_fisher(tensors: Sequence[torch.Tensor], params: Params, fisher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The Fisher-preconditioned iteration of the module docstring, on the dense [N, d] float64 units
+    (per-coordinate weights take u out of the units' span, so the Gram form does not apply)."""
+    n = len(tensors)
     x = torch.empty((n, tensors[0].numel()), dtype=torch.float64, device=tensors[0].device)
     for row, t in zip(x, tensors):
         row.copy_(t.reshape(-1))
@@ -95,12 +102,9 @@ def merge(
         return torch.zeros_like(tensors[0])
     a = a / a_sum
 
-    if fisher is None:
-        u = a @ units
-    else:
-        fw = _fisher_weights(fisher, a)  # [n, d]: Wᵢ(j), each column sums to 1
-        fwu = fw * units  # Wᵢ ⊙ uᵢ
-        u = fwu.sum(dim=0)
+    fw = _fisher_weights(fisher, a)  # [n, d]: Wᵢ(j), each column sums to 1
+    fwu = fw * units  # Wᵢ ⊙ uᵢ
+    u = fwu.sum(dim=0)
     u_norm = torch.linalg.vector_norm(u)
     if u_norm < EPS:  # the directions cancel out (e.g. antipodal): start at the first valid one
         u = units[int(valid.nonzero()[0])].clone()
@@ -112,13 +116,9 @@ def merge(
         theta = torch.arccos(cos)
         # θ/sinθ = 1/sinc(θ/π): exactly 1 at θ = 0. An antipodal source (θ = π) has no Log map; it adds nothing.
         sinc = torch.sinc(theta / math.pi)
-        if fisher is None:
-            coef = torch.where(sinc > 1e-12, a / sinc, 0.0)
-            tangent = coef @ units - (coef @ cos) * u  # Σ αᵢ·θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u)
-        else:
-            coef = torch.where(sinc > 1e-12, 1.0 / sinc, 0.0)
-            v = coef @ fwu - ((coef * cos) @ fw) * u  # Σ Wᵢ ⊙ θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u)
-            tangent = v - (v @ u) * u  # onto the tangent space at u
+        coef = torch.where(sinc > 1e-12, 1.0 / sinc, 0.0)
+        v = coef @ fwu - ((coef * cos) @ fw) * u  # Σ Wᵢ ⊙ θᵢ/sinθᵢ·(uᵢ − cosθᵢ·u)
+        tangent = v - (v @ u) * u  # onto the tangent space at u
         t_norm = torch.linalg.vector_norm(tangent)
         if t_norm < params.tol:
             break
