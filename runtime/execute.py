@@ -162,8 +162,35 @@ def _write_job(writer: ShardedWriter, name: str, t: torch.Tensor, bar, nbytes: i
     return job
 
 
+ELEMENTWISE_SLICE = 1 << 22  # entries per slice of an elementwise op on a large tensor
+
+
 def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     op = OPERATORS[p.op]
+    numel = tensors[0].numel()
+    if op.elementwise and numel > ELEMENTWISE_SLICE and not op.random:
+        # Slice by slice: each input's float32 copy exists one slice at a time, and the same
+        # elementwise arithmetic gives the same bytes as the whole-tensor call.
+        flat = [t.reshape(-1) for t in tensors]
+        tensors.clear()
+        out = torch.empty(numel, dtype=torch.float32, device=dev)
+        for start in range(0, numel, ELEMENTWISE_SLICE):
+            part = [t[start:start + ELEMENTWISE_SLICE] for t in flat]
+            out[start:start + ELEMENTWISE_SLICE] = _apply_whole(op, p, part, dev)
+        return _checked(p, out.reshape(p.shape))
+    return _checked(p, _apply_whole(op, p, tensors, dev))
+
+
+def _checked(p: Apply, out: torch.Tensor) -> torch.Tensor:
+    if not all_finite(out):
+        raise MergeRuntimeError(
+            f"{p.op}() produced NaN or Inf in tensor '{p.tensor}'", p.span,
+            "check the inputs and parameters of this operation for that tensor",
+        )
+    return out
+
+
+def _apply_whole(op, p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     # Pinned host tensors (the reader pins when the device is a GPU) copy without blocking; the op
     # runs on the same stream, after its copies.
     xs = tensors
@@ -183,11 +210,6 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Te
         raise
     except Exception as e:
         raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
-    if not all_finite(out):
-        raise MergeRuntimeError(
-            f"{p.op}() produced NaN or Inf in tensor '{p.tensor}'", p.span,
-            "check the inputs and parameters of this operation for that tensor",
-        )
     return out
 
 

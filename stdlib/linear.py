@@ -51,4 +51,5 @@ OPERATOR = Operator(
     reference="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
     min_models=1,
     per_model=("weights",),
+    elementwise=True,
 )

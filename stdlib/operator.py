@@ -53,6 +53,9 @@ class Operator:
     required_model_params: tuple[str, ...] = field(default=())
     # draws random numbers: its Params has an int `seed` and merge() gets a `generator`
     random: bool = False
+    # each output entry depends only on the same entry of the inputs, so the runtime may run
+    # merge() on slices of a large tensor and never hold whole float32 copies of its inputs
+    elementwise: bool = False
 
     def arity_text(self) -> str:
         if self.max_models is None:

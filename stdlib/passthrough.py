@@ -28,4 +28,5 @@ OPERATOR = Operator(
     reference="mergekit passthrough (Goddard et al. 2024, arXiv:2403.13257)",
     min_models=1,
     max_models=1,
+    elementwise=True,
 )

@@ -36,4 +36,5 @@ OPERATOR = Operator(
     min_models=1,
     base="required",
     per_model=("weights",),
+    elementwise=True,
 )
