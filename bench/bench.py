@@ -42,6 +42,9 @@ What is measured, per case and tool, each run in its own process:
                 preallocated buffer, then write the output's byte count once to a file in the
                 output folder's file system and delete it.
   mgc/mergekit  mgc wall / mergekit wall.
+  fixed cost    printed once: each tool's wall time on a linear merge of the bundled 2.8 MB example
+                models (start-up, imports, bookkeeping). The "net" table subtracts it from each
+                wall time: that part grows with model size, so its ratio is where larger merges go.
   agreement     the largest ‖mgc − mergekit‖ / ‖mergekit‖ over all output tensors (in float64,
                 after both were rounded to bf16), and the share of bit-identical tensors.
 
@@ -101,6 +104,7 @@ DESCRIPTION = {
 }
 KARCHER = "max_iter = 10, tol = 1e-5"
 MIB = 2**20
+TINY = Path(__file__).resolve().parents[1] / "examples" / "models"  # the bundled 2.8 MB example checkpoints
 
 # Runs `argv[2:]`, waits, and writes the child's rusage (ru_maxrss in KiB on Linux) to argv[1].
 WRAPPER = (
@@ -324,6 +328,21 @@ def run_mergekit(venv: Path, case: str, m: dict[str, Path], out: Path, work: Pat
     if len(stages) > 1:
         rm(work / "mk-stage1")
     return combine(stages)
+
+
+def fixed_costs(venv: Optional[Path], work: Path, device: str, dtype: str, n: int) -> dict[str, float]:
+    """Each tool's fixed cost: the wall time of a linear merge of the bundled tiny example models (2.8 MB),
+    i.e. interpreter start-up, imports, config handling and output bookkeeping, with almost no tensor work."""
+    m = {"e1": TINY / "code", "e2": TINY / "math", "e3": TINY / "prose"}
+    if not all((p / "config.json").is_file() for p in m.values()):
+        return {}
+    out = {"mgc": min(run_mgc("linear", m, work / "tiny-mgc", work, device).wall for _ in range(n))}
+    rm(work / "tiny-mgc")
+    if venv is not None:
+        out["mergekit"] = min(run_mergekit(venv, "linear", m, work / "tiny-mk", work, device, dtype).wall
+                              for _ in range(n))
+        rm(work / "tiny-mk")
+    return out
 
 
 # --------------------------------------------------------------------------- the I/O floor
@@ -555,7 +574,12 @@ def main() -> int:
     warm = read_all(all_files, buf)
     print(f"page cache: warm. Every input file ({warm / 1e9:.2f} GB in {len(all_files)} files) was read once "
           f"before timing ({time.perf_counter() - start:.1f} s); os.sync() before each timed run.")
-    print(f"best of {args.repeat} run(s) for wall times; peak RSS is the largest over those runs.\n", flush=True)
+    print(f"best of {args.repeat} run(s) for wall times; peak RSS is the largest over those runs.", flush=True)
+    fixed = fixed_costs(venv, work, args.device, args.mergekit_dtype, max(2, args.repeat))
+    if fixed:
+        print("fixed cost per process (wall s of a linear merge of the 2.8 MB example models, best of "
+              f"{max(2, args.repeat)}): " + ", ".join(f"{k} {v:.2f} s" for k, v in fixed.items()))
+    print(flush=True)
 
     rows: list[Row] = []
     summary: list[tuple[str, Row, Optional[Row]]] = []
@@ -624,6 +648,17 @@ def main() -> int:
             r16, r32 = (next(r for t, l, *_, r in deep_rows if t == tool and l == n) for n in (16, 32))
             print(f"{tool}: peak RSS ×{r32.maxrss_kib / r16.maxrss_kib:.2f} from 16 to 32 layers "
                   f"(RssAnon ×{r32.anon_kib / max(r16.anon_kib, 1):.2f})")
+
+    if venv is not None and len(fixed) == 2:
+        print("\nMerge time net of each process's fixed cost (wall − fixed cost; mergekit's two-stage pays it "
+              "twice). This part grows with model size, so its ratio is what larger merges tend to:\n")
+        print("| case | mgc net s | mergekit net s | mgc/mergekit |\n|---|---:|---:|---:|")
+        for case, g, k in summary:
+            if k is None:
+                continue
+            gn = g.run.wall - fixed["mgc"]
+            kn = k.run.wall - fixed["mergekit"] * (2 if case == "two-stage" else 1)
+            print(f"| {case} | {gn:.2f} | {kn:.2f} | {gn / kn:.2f} |" if kn > 0 else f"| {case} | {gn:.2f} | {kn:.2f} | |")
 
     if venv is not None:
         print("\nTargets:\n")
