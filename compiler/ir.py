@@ -49,9 +49,11 @@ class Apply:
     span: Optional[Span] = field(default=None, compare=False)
     # model-valued parameters: (name, count) of the inputs that follow the models, in order
     aux: tuple[tuple[str, int], ...] = ()
+    # the model inputs are task_vector nodes (x − base): the runtime calls the operator's merge_deltas
+    deltas: bool = False
 
     def key(self) -> tuple:
-        return ("apply", self.op, params_key(self.params), self.has_base, self.aux)
+        return ("apply", self.op, params_key(self.params), self.has_base, self.aux, self.deltas)
 
     def split(self, inputs: list) -> tuple[Optional[object], list, dict[str, list]]:
         """(base, models, {aux name: inputs}) from the flat input list."""
@@ -73,7 +75,7 @@ class Apply:
             [f"{k}={_fmt(v)}" for k, v in self.params.model_dump(by_alias=True).items()]
             + [f"{name}=<{count} models>" for name, count in self.aux]
         )
-        return f"{self.op}({shown})"
+        return f"{self.op}({shown})" + (" on task vectors" if self.deltas else "")
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,15 @@ class Graph(nx.DiGraph):
 
     def of_kind(self, kind: type) -> list[int]:
         return [n for n, d in self.nodes(data=True) if isinstance(d["node"], kind)]
+
+    def set_inputs(self, n: int, inputs: Iterable[int]) -> None:
+        """Give `n` new inputs, in order, and the edges to match."""
+        inputs = tuple(inputs)
+        for i in set(self.nodes[n]["inputs"]) - set(inputs):
+            self.remove_edge(i, n)
+        self.nodes[n]["inputs"] = inputs
+        for i in inputs:
+            self.add_edge(i, n)
 
     def replace(self, old: int, new: int) -> None:
         """Point every user of `old` at `new`, then drop `old`."""

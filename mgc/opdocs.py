@@ -104,7 +104,8 @@ def markdown_table() -> str:
         for i, p in enumerate(docs):
             head = (f"`{op.name}`", inputs_text(op)) if i == 0 else ("", "")
             rng = p.range.replace("<", "&lt;")
-            rows.append(f"| {head[0]} | {head[1]} | `{p.name}` | {p.type} | {p.default} | {rng} | {p.description} |")
+            name = f"`{p.name}`" if p.name else "(none)"
+            rows.append(f"| {head[0]} | {head[1]} | {name} | {p.type} | {p.default} | {rng} | {p.description} |")
     return "\n".join(rows)
 
 

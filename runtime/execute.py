@@ -20,7 +20,9 @@ from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
 from mgc.compiler.ir import Apply, Graph, Load, Save
 from mgc.compiler.plan import format_bytes
 from mgc.stdlib import OPERATORS
+from mgc.stdlib.slices import SLICE, spans
 
+from .allocator import keep_freed_memory
 from .devices import pick_device
 from .output import StagedOutput, check_target
 from .streams import Prefetcher, WriterThread
@@ -51,6 +53,7 @@ def execute(
     tensors are written on another thread while the next ones compute.
     """
     start = time.perf_counter()
+    keep_freed_memory()
     dev = pick_device(device)
     graph: Graph = plan.graph
     for save in plan.program.saves:
@@ -68,6 +71,7 @@ def execute(
     checkpoints = plan.program.checkpoints
     order = graph.graph["order"]
     uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
+    result_dtypes = _result_dtypes(graph)
     values: dict[int, torch.Tensor] = {}
     stats = RunStats()
     staged: dict = {}
@@ -97,7 +101,7 @@ def execute(
                 for i in set(inputs):
                     if uses[i] == inputs.count(i):
                         values.pop(i)
-                values[n] = _apply(p, args, dev)
+                values[n] = _apply(p, args, dev, result_dtypes.get(n, torch.float32))
                 stats.ops_run += 1
             elif isinstance(p, Save):
                 t = values[inputs[0]].to(dtype=p.dtype)
@@ -140,6 +144,16 @@ def execute(
     return stats
 
 
+def _result_dtypes(graph: Graph) -> dict[int, torch.dtype]:
+    """The apply nodes whose every user is a save of one dtype: they may produce it directly."""
+    out = {}
+    for n in graph.of_kind(Apply):
+        dtypes = {graph.payload(u).dtype if isinstance(graph.payload(u), Save) else None for u in graph.successors(n)}
+        if len(dtypes) == 1 and None not in dtypes:
+            out[n] = dtypes.pop()
+    return out
+
+
 def _reader(checkpoints, p: Load):
     def read() -> torch.Tensor:
         ckpt = checkpoints[p.checkpoint]
@@ -162,22 +176,30 @@ def _write_job(writer: ShardedWriter, name: str, t: torch.Tensor, bar, nbytes: i
     return job
 
 
-ELEMENTWISE_SLICE = 1 << 22  # entries per slice of an elementwise op on a large tensor
+ELEMENTWISE_SLICE = SLICE  # entries per slice of an elementwise op
 
 
-def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Run one operation. The result is float32, or `out_dtype` when it only goes to saves of that dtype:
+    operators that can fill it directly (native_inputs, or elementwise ones run slice by slice) then never
+    hold a whole float32 result."""
     op = OPERATORS[p.op]
-    numel = tensors[0].numel()
-    if op.elementwise and numel > ELEMENTWISE_SLICE and not op.random:
-        # Slice by slice: each input's float32 copy exists one slice at a time, and the same
-        # elementwise arithmetic gives the same bytes as the whole-tensor call.
+    if op.native_inputs and not p.deltas:  # merge_deltas takes float32 task vectors
+        for k, t in enumerate(tensors):
+            tensors[k] = t.to(device=dev, non_blocking=True)
+        out = torch.empty(p.shape, dtype=out_dtype, device=dev)
+        return _checked(p, _call(op, p, tensors, out=out))
+    if op.elementwise and not op.random:
+        # Slice by slice: each input's float32 copy exists one slice at a time, small enough to be reused
+        # from the allocator's free lists, and the same elementwise arithmetic gives the same bytes as
+        # the whole-tensor call.
         flat = [t.reshape(-1) for t in tensors]
         tensors.clear()
-        out = torch.empty(numel, dtype=torch.float32, device=dev)
-        for start in range(0, numel, ELEMENTWISE_SLICE):
-            part = [t[start:start + ELEMENTWISE_SLICE] for t in flat]
-            out[start:start + ELEMENTWISE_SLICE] = _apply_whole(op, p, part, dev)
-        return _checked(p, out.reshape(p.shape))
+        out = torch.empty(p.shape, dtype=out_dtype, device=dev)
+        dest = out.view(-1)
+        for a, b in spans(dest.numel(), ELEMENTWISE_SLICE):
+            dest[a:b].copy_(_apply_whole(op, p, [t[a:b] for t in flat], dev))
+        return _checked(p, out)
     return _checked(p, _apply_whole(op, p, tensors, dev))
 
 
@@ -197,20 +219,23 @@ def _apply_whole(op, p: Apply, tensors: list[torch.Tensor], dev: torch.device) -
     for k, t in enumerate(xs):  # in place, dropping each stored-dtype tensor once converted
         xs[k] = t.to(device=dev, non_blocking=True).float()
     del t
-    base, models, extra = p.split(xs)
-    del xs
+    return _call(op, p, xs)
+
+
+def _call(op, p: Apply, tensors: list[torch.Tensor], **kw) -> torch.Tensor:
+    """op.merge on the graph inputs of `p` (emptying `tensors`, so the caller holds none of them)."""
+    base, models, extra = p.split(tensors)
+    tensors.clear()
     for name in op.model_params:
         extra.setdefault(name, None)
     if op.random:
         extra["generator"] = tensor_generator(p.params.seed, p.tensor)
-    tensors.clear()
     try:
-        out = op.merge(models, p.params, base, **extra)
+        return (op.merge_deltas if p.deltas else op.merge)(models, p.params, base, **extra, **kw)
     except MgcError:
         raise
     except Exception as e:
         raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
-    return out
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -25,6 +25,7 @@ _MODULES = (
     "della",
     "della_linear",
     "sce",
+    "task_vector",
 )
 
 OPERATORS: dict[str, Operator] = {}

@@ -16,7 +16,7 @@ Deliberate differences from mergekit: ``weights`` defaults to 1.0 for each model
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from pydantic import Field, FiniteFloat
@@ -40,21 +40,30 @@ class Params(OpParams):
 GAMMA = 0.01  # mergekit's default
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    n = len(tensors)
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "breadcrumbs")
-    densities = sp.per_model(params.density, n, 1.0, "density", "breadcrumbs")
-    gammas = sp.per_model(params.gamma, n, GAMMA, "gamma", "breadcrumbs")
-    deltas = (
-        sp.magnitude_outliers(x - base, d, g, params.rescale) for x, d, g in zip(tensors, densities, gammas)
+def sparsified(
+    deltas: Sequence[torch.Tensor], params: Params, op: str = "breadcrumbs"
+) -> tuple[list[float], Iterator[torch.Tensor]]:
+    """The weights, and the task vectors sparsified by magnitude outliers, one at a time."""
+    weights, densities, gammas = sp.per_model_values(params, len(deltas), op, weights=1.0, density=1.0, gamma=GAMMA)
+    return weights, (
+        sp.magnitude_outliers(delta, d, g, params.rescale) for delta, d, g in zip(deltas, densities, gammas)
     )
-    return base + sp.weighted_sum(deltas, weights, params.normalize, params.lambda_)
+
+
+def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    weights, sparse = sparsified(deltas, params)
+    return base + sp.weighted_sum(sparse, weights, params.normalize, params.lambda_)
+
+
+def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base)
 
 
 OPERATOR = Operator(
     name="breadcrumbs",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·crumbs(δᵢ) (/ Σ wᵢ when normalize); crumbs drops the top gamma fraction of |δᵢ| "
         "and keeps the next density fraction",
     reference="Davari & Belilovsky 2023, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "

@@ -19,38 +19,32 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from pydantic import Field, FiniteFloat
 
+from . import breadcrumbs
 from . import sparsify as sp
-from .breadcrumbs import GAMMA
-from .operator import Operator, OpParams
+from .operator import Operator
 
 
-class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = sp.weights_field()
-    density: Optional[list[sp.Density]] = sp.density_field(", below the outliers by magnitude")
-    gamma: Optional[list[sp.Gamma]] = Field(
-        None, description="fraction of each task vector's entries dropped as outliers, the largest by magnitude",
-        json_schema_extra={"default_text": "0.01 each"},
-    )
+class Params(breadcrumbs.Params):
+    """breadcrumbs' parameters; normalize divides by the weights that agree with the elected sign."""
+
     normalize: bool = sp.normalize_field(False, "the weights of the models agreeing with the elected sign")
-    rescale: bool = sp.rescale_field(False)
-    lambda_: FiniteFloat = sp.lambda_field()
+
+
+def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    weights, sparse = breadcrumbs.sparsified(deltas, params, "breadcrumbs_ties")
+    return base + sp.disjoint_merge(list(sparse), weights, params.normalize, params.lambda_)
 
 
 def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    n = len(tensors)
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "breadcrumbs_ties")
-    densities = sp.per_model(params.density, n, 1.0, "density", "breadcrumbs_ties")
-    gammas = sp.per_model(params.gamma, n, GAMMA, "gamma", "breadcrumbs_ties")
-    deltas = [sp.magnitude_outliers(x - base, d, g, params.rescale) for x, d, g in zip(tensors, densities, gammas)]
-    return base + sp.disjoint_merge(deltas, weights, params.normalize, params.lambda_)
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base)
 
 
 OPERATOR = Operator(
     name="breadcrumbs_ties",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·crumbs(δᵢ)[sign = γ] (/ Σ wᵢ[sign = γ] when normalize), γ = sign(Σ wᵢ·crumbs(δᵢ)); "
         "crumbs drops the top gamma fraction of |δᵢ| and keeps the next density fraction",
     reference="Davari & Belilovsky 2023, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "

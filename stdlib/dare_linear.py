@@ -18,7 +18,7 @@ Deliberate differences from mergekit:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from pydantic import FiniteFloat
@@ -36,20 +36,32 @@ class Params(OpParams):
     seed: int = sp.seed_field()
 
 
+def sparsified(
+    deltas: Sequence[torch.Tensor], params: Params, generator: torch.Generator, op: str = "dare_linear"
+) -> tuple[list[float], Iterator[torch.Tensor]]:
+    """The weights, and the task vectors sparsified by DARE, one at a time, in order (as they draw)."""
+    weights, densities = sp.per_model_values(params, len(deltas), op, weights=1.0, density=1.0)
+    return weights, (sp.dare(delta, d, params.rescale, generator) for delta, d in zip(deltas, densities))
+
+
+def merge_deltas(
+    deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
+) -> torch.Tensor:
+    weights, sparse = sparsified(deltas, params, generator)
+    return base + sp.weighted_sum(sparse, weights, params.normalize, params.lambda_)
+
+
 def merge(
     tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
 ) -> torch.Tensor:
-    n = len(tensors)
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "dare_linear")
-    densities = sp.per_model(params.density, n, 1.0, "density", "dare_linear")
-    deltas = (sp.dare(x - base, d, params.rescale, generator) for x, d in zip(tensors, densities))
-    return base + sp.weighted_sum(deltas, weights, params.normalize, params.lambda_)
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base, generator=generator)
 
 
 OPERATOR = Operator(
     name="dare_linear",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·dare(δᵢ) (/ Σ wᵢ when normalize); dare keeps each entry with probability density, "
         "rescaled to ‖δᵢ‖₁",
     reference="Yu et al. 2023, Language Models are Super Mario: Absorbing Abilities from Homologous Models "

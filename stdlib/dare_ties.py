@@ -22,35 +22,36 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from pydantic import FiniteFloat
 
+from . import dare_linear
 from . import sparsify as sp
-from .operator import Operator, OpParams
+from .operator import Operator
 
 
-class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = sp.weights_field()
-    density: Optional[list[sp.Density]] = sp.density_field(", at random")
+class Params(dare_linear.Params):
+    """dare_linear's parameters; normalize divides by the weights that agree with the elected sign."""
+
     normalize: bool = sp.normalize_field(False, "the weights of the models agreeing with the elected sign")
-    rescale: bool = sp.rescale_field(True)
-    lambda_: FiniteFloat = sp.lambda_field()
-    seed: int = sp.seed_field()
+
+
+def merge_deltas(
+    deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
+) -> torch.Tensor:
+    weights, sparse = dare_linear.sparsified(deltas, params, generator, "dare_ties")
+    return base + sp.disjoint_merge(list(sparse), weights, params.normalize, params.lambda_)
 
 
 def merge(
     tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
 ) -> torch.Tensor:
-    n = len(tensors)
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "dare_ties")
-    densities = sp.per_model(params.density, n, 1.0, "density", "dare_ties")
-    deltas = [sp.dare(x - base, d, params.rescale, generator) for x, d in zip(tensors, densities)]
-    return base + sp.disjoint_merge(deltas, weights, params.normalize, params.lambda_)
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base, generator=generator)
 
 
 OPERATOR = Operator(
     name="dare_ties",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·dare(δᵢ)[sign = γ] (/ Σ wᵢ[sign = γ] when normalize), γ = sign(Σ wᵢ·dare(δᵢ)); "
         "dare keeps each entry with probability density, rescaled to ‖δᵢ‖₁",
     reference="Yu et al. 2023, Language Models are Super Mario: Absorbing Abilities from Homologous Models "

@@ -27,7 +27,7 @@ Deliberate differences from mergekit:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from pydantic import Field, FiniteFloat, ValidationInfo, field_validator
@@ -55,23 +55,36 @@ class Params(OpParams):
         return v
 
 
+def sparsified(
+    deltas: Sequence[torch.Tensor], params: Params, generator: torch.Generator, op: str = "della"
+) -> tuple[list[float], Iterator[torch.Tensor]]:
+    """The weights, and the task vectors pruned by MagPrune, one at a time, in order (as they draw)."""
+    weights, densities, epsilons = sp.per_model_values(
+        params, len(deltas), op, weights=1.0, density=1.0, epsilon=sp.DELLA_EPSILON
+    )
+    return weights, (
+        sp.della(delta, d, e, params.rescale, generator) for delta, d, e in zip(deltas, densities, epsilons)
+    )
+
+
+def merge_deltas(
+    deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
+) -> torch.Tensor:
+    weights, pruned = sparsified(deltas, params, generator)
+    return base + sp.disjoint_merge(list(pruned), weights, params.normalize, params.lambda_)
+
+
 def merge(
     tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
 ) -> torch.Tensor:
-    n = len(tensors)
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "della")
-    densities = sp.per_model(params.density, n, 1.0, "density", "della")
-    epsilons = sp.per_model(params.epsilon, n, sp.DELLA_EPSILON, "epsilon", "della")
-    deltas = [
-        sp.della(x - base, d, e, params.rescale, generator) for x, d, e in zip(tensors, densities, epsilons)
-    ]
-    return base + sp.disjoint_merge(deltas, weights, params.normalize, params.lambda_)
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base, generator=generator)
 
 
 OPERATOR = Operator(
     name="della",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·prune(δᵢ)[sign = γ] (/ Σ wᵢ[sign = γ] when normalize), γ = sign(Σ wᵢ·prune(δᵢ)); "
         "prune keeps an entry with probability density ± epsilon rising with its magnitude rank in its row, "
         "rescaled to ‖δᵢ‖₁",

@@ -29,46 +29,36 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from pydantic import Field, FiniteFloat, ValidationInfo, field_validator
 
+from . import della
 from . import sparsify as sp
-from .operator import Operator, OpParams
+from .operator import Operator
 
 
-class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = sp.weights_field()
-    density: Optional[list[sp.Density]] = sp.density_field(" on average, the larger entries likelier kept")
-    epsilon: Optional[list[sp.Epsilon]] = Field(
-        None, description="half-width of the range of keep probabilities, density ± epsilon, over magnitude ranks",
-        json_schema_extra={"default_text": "0.15 each"}, validate_default=True,
-    )
+class Params(della.Params):
+    """della's parameters, with normalize off by default and dividing by the sum of all the weights."""
+
     normalize: bool = sp.normalize_field(False)
-    rescale: bool = sp.rescale_field(True)
-    lambda_: FiniteFloat = sp.lambda_field()
-    seed: int = sp.seed_field()
 
-    @field_validator("epsilon")
-    @classmethod
-    def _range(cls, v: Optional[list[float]], info: ValidationInfo) -> Optional[list[float]]:
-        sp.check_della(info.data.get("density"), v)
-        return v
+
+def merge_deltas(
+    deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
+) -> torch.Tensor:
+    weights, pruned = della.sparsified(deltas, params, generator, "della_linear")
+    return base + sp.weighted_sum(pruned, weights, params.normalize, params.lambda_)
 
 
 def merge(
     tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], *, generator: torch.Generator
 ) -> torch.Tensor:
-    n = len(tensors)
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "della_linear")
-    densities = sp.per_model(params.density, n, 1.0, "density", "della_linear")
-    epsilons = sp.per_model(params.epsilon, n, sp.DELLA_EPSILON, "epsilon", "della_linear")
-    deltas = (sp.della(x - base, d, e, params.rescale, generator) for x, d, e in zip(tensors, densities, epsilons))
-    return base + sp.weighted_sum(deltas, weights, params.normalize, params.lambda_)
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base, generator=generator)
 
 
 OPERATOR = Operator(
     name="della_linear",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·prune(δᵢ) (/ Σ wᵢ when normalize); prune keeps an entry with probability "
         "density ± epsilon rising with its magnitude rank in its row, rescaled to ‖δᵢ‖₁",
     reference="Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "

@@ -46,6 +46,7 @@ from typing import Annotated, Optional, Sequence
 import torch
 from pydantic import Field, field_validator
 
+from . import slices as sl
 from .fisher_merge import check_fishers
 from .operator import Operator, OpParams
 
@@ -69,16 +70,16 @@ class Params(OpParams):
 
 def merge(
     tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor],
-    fisher: Optional[Sequence[torch.Tensor]] = None,
+    fisher: Optional[Sequence[torch.Tensor]] = None, out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     n = len(tensors)
     if fisher is not None:
         check_fishers("karcher", fisher, tensors)
     if n == 1:
-        return tensors[0].clone()
+        return sl.result(tensors[0], out).copy_(tensors[0])
     if fisher is None:
-        return _karcher_in_span(tensors, params)
-    return _karcher_with_fisher(tensors, params, fisher)
+        return _karcher_in_span(tensors, params, out)
+    return sl.result(tensors[0], out).copy_(_karcher_with_fisher(tensors, params, fisher))
 
 
 def _karcher_with_fisher(tensors: Sequence[torch.Tensor], params: Params, fisher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -128,24 +129,14 @@ def _karcher_with_fisher(tensors: Sequence[torch.Tensor], params: Params, fisher
     return (scale * u).reshape(tensors[0].shape).to(torch.float32)
 
 
-def _gram(tensors: Sequence[torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
-    """G = X·Xᵀ in float64 for the flattened sources, accumulated in column chunks to bound memory."""
-    flat = [t.reshape(-1) for t in tensors]
-    g = torch.zeros((len(flat), len(flat)), dtype=torch.float64, device=flat[0].device)
-    for start in range(0, flat[0].numel(), chunk):
-        block = torch.stack([x[start:start + chunk] for x in flat]).double()
-        g += block @ block.T
-    return g
-
-
-def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params) -> torch.Tensor:
+def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params, out: Optional[torch.Tensor]) -> torch.Tensor:
     """The plain iteration, carried out on coefficients: u = Σ cᵢuᵢ stays in the span of the units, so
     every quantity it needs is a function of the units' Gram matrix. ⟨u, uᵢ⟩ = (Ĝc)ᵢ, the tangent
     T = Σ coefᵢuᵢ − (coef·cos)u has coefficients coef − (coef·cos)c and ‖T‖² = tᵀĜt. This is the same
     fixed-point iteration as the dense one, in float64, at the cost of one pass over the data for Ĝ and
     one for the result, with no [N, d] float64 copy."""
     n = len(tensors)
-    gram = _gram(tensors)
+    gram = sl.gram(tensors).cpu()  # the N×N iteration runs on the CPU: no device syncs inside it
     norms = gram.diagonal().clamp_min(0).sqrt()
     w = torch.tensor(params.weights or [1.0] * n, dtype=torch.float64, device=gram.device)
     alpha = w / w.sum()
@@ -154,7 +145,7 @@ def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params) -> torch.T
     valid = norms > EPS
     a = torch.where(valid, alpha, 0.0)
     if not a.sum() > 0:  # every source with weight has zero norm, so scale is ~0 too
-        return torch.zeros_like(tensors[0])
+        return sl.result(tensors[0], out).zero_()
     a = a / a.sum()
     inv = torch.where(valid, 1.0 / torch.where(valid, norms, 1.0), 0.0)
     unit_gram = gram * inv[:, None] * inv[None, :]  # Ĝᵢⱼ = ⟨uᵢ, uⱼ⟩ (0 for zero-norm sources)
@@ -184,10 +175,7 @@ def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params) -> torch.T
         c = c / norm_of(c)
 
     coefficients = (scale * c * inv).tolist()  # result = scale·Σ cᵢ·xᵢ/‖xᵢ‖
-    out = torch.zeros_like(tensors[0], dtype=torch.float32)
-    for k, x in zip(coefficients, tensors):
-        out.add_(x, alpha=k)
-    return out
+    return sl.weighted_sum(tensors, coefficients, out)
 
 
 def _fisher_weights(fisher: Sequence[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
@@ -213,4 +201,5 @@ OPERATOR = Operator(
     min_models=1,
     per_model=("weights",),
     model_params=("fisher",),
+    native_inputs=True,
 )

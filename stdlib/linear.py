@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 from pydantic import Field, FiniteFloat, model_validator
 
+from . import slices as sl
 from .operator import Operator, OpParams
 
 
@@ -29,18 +30,14 @@ class Params(OpParams):
         return self
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    x0 = tensors[0]
-    w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=x0.dtype, device=x0.device)
-    # Σ wᵢ·xᵢ term by term, each product rounded before it is added (as mergekit, for the same bits);
-    # the first term starts the sum (0 + a == a) and one scratch buffer serves the others.
-    out = x0 * w[0]
-    scratch = torch.empty_like(x0) if len(tensors) > 1 else None
-    for i, x in enumerate(tensors[1:], 1):
-        out += torch.mul(x, w[i], out=scratch)
-    if params.normalize:
-        out /= w.sum()
-    return out
+def merge(
+    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    # Σ wᵢ·xᵢ term by term, each product rounded before it is added, then / Σ wᵢ (all in float32, as
+    # mergekit, for the same bits).
+    w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=torch.float32)
+    divisor = float(w.sum()) if params.normalize else None
+    return sl.weighted_sum(tensors, w.tolist(), out, divisor)
 
 
 OPERATOR = Operator(
@@ -52,4 +49,5 @@ OPERATOR = Operator(
     min_models=1,
     per_model=("weights",),
     elementwise=True,
+    native_inputs=True,
 )

@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import torch
 from pydantic import Field
 
+from . import sparsify as sp
 from .operator import Operator, OpParams
-from .sparsify import sign_agreement
 
 
 class Params(OpParams):
@@ -56,20 +56,25 @@ def _model_weights(deltas: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    deltas = torch.stack([x - base for x in tensors])
+def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.stack(list(deltas))
     if params.select_topk < 1:
-        deltas = deltas * _select(deltas, params.select_topk)
-    agree = sign_agreement(deltas)
-    w = _model_weights(deltas).reshape(-1, *[1] * base.dim()) * agree
-    merged = (deltas * w).sum(dim=0)
+        stacked = stacked * _select(stacked, params.select_topk)
+    agree = sp.sign_agreement(stacked)
+    w = _model_weights(stacked).reshape(-1, *[1] * base.dim()) * agree
+    merged = (stacked * w).sum(dim=0)
     return base + merged / w.sum(dim=0).clamp(min=1e-6)
+
+
+def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base)
 
 
 OPERATOR = Operator(
     name="sce",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + Σ wᵢ·sel(δᵢ)[sign = γ] / Σ wᵢ[sign = γ], sel keeps the select_topk most varying entries "
         "across models, wᵢ ∝ mean(sel(δᵢ)²), γ = sign(Σ sel(δᵢ))",
     reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, arXiv:2408.07990",

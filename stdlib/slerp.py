@@ -6,11 +6,13 @@ Reference: Shoemake, "Animating rotation with quaternion curves" (1985); formula
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from pydantic import Field
 
+from . import slices as sl
 from .operator import Operator, OpParams
 
 DOT_THRESHOLD = 0.9995
@@ -21,25 +23,25 @@ class Params(OpParams):
     t: float = Field(..., ge=0.0, le=1.0, description="interpolation factor: 0 gives the first model, 1 the second")
 
 
-def _norm_or_one(x: torch.Tensor) -> torch.Tensor:
+def coefficients(gram: torch.Tensor, t: float) -> tuple[float, float]:
+    """(c₀, c₁) from the float64 Gram matrix [[‖x₀‖², ⟨x₀,x₁⟩], [⟨x₀,x₁⟩, ‖x₁‖²]] (on the CPU)."""
     # mergekit normalises a tensor only when its norm exceeds eps; otherwise it is used as is.
-    n = torch.linalg.vector_norm(x, dtype=torch.float64)
-    return torch.where(n > EPS, n, torch.ones_like(n))
+    n0, n1 = (n if n > EPS else 1.0 for n in gram.diagonal().clamp_min(0).sqrt().tolist())
+    dot = float(gram[0, 1]) / (n0 * n1)
+    if abs(dot) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    # taken in float64 (mergekit: float32 numpy), then used as float32 factors
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    v0, v1 = tensors
-    t = params.t
-    # The scalars are taken in float64 (mergekit: float32 numpy), and the branch is a torch.where
-    # so that nothing syncs with the device.
-    dot = torch.sum(v0 * v1, dtype=torch.float64) / (_norm_or_one(v0) * _norm_or_one(v1))
-    theta = torch.arccos(dot.clamp(-1.0, 1.0))
-    sin_theta = torch.sin(theta)
-    parallel = dot.abs() > DOT_THRESHOLD
-    theta_t = theta * t
-    c0 = torch.where(parallel, 1.0 - t, torch.sin(theta - theta_t) / sin_theta)
-    c1 = torch.where(parallel, t, torch.sin(theta_t) / sin_theta)
-    return c0.float() * v0 + c1.float() * v1
+def merge(
+    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    # One pass for the Gram matrix (moved to the CPU once: the scalar math never syncs a device again),
+    # one for c₀·x₀ + c₁·x₁.
+    c0, c1 = coefficients(sl.gram(tensors).cpu(), params.t)
+    return sl.weighted_sum(tensors, (c0, c1), out)
 
 
 OPERATOR = Operator(
@@ -50,4 +52,5 @@ OPERATOR = Operator(
     reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
     min_models=2,
     max_models=2,
+    native_inputs=True,
 )

@@ -22,12 +22,31 @@ device, which cannot be reproduced draw for draw: masks follow the same distribu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from typing import Annotated, Iterable, Optional, Sequence
 
 import torch
 from pydantic import Field
 
 _NORM_EPS = 1e-7  # mergekit's tolerance below which an L1 norm is not rescaled
+
+
+class TaskVectors(SequenceABC):
+    """The task vectors δᵢ = xᵢ − base of the models, each computed when it is read.
+
+    What an operator's ``merge`` hands its ``merge_deltas``: one that takes the task vectors one at a
+    time (a weighted sum) then holds one at a time, and every δᵢ is the same float32 difference.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor):
+        self._tensors, self._base = tensors, base
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._tensors[i] - self._base
 
 
 def per_model(values: Optional[Sequence[float]], n: int, default: float, name: str, op: str) -> list[float]:
@@ -37,6 +56,11 @@ def per_model(values: Optional[Sequence[float]], n: int, default: float, name: s
     if len(values) != n:
         raise ValueError(f"{op}: '{name}' has {len(values)} values for {n} models")
     return list(values)
+
+
+def per_model_values(params, n: int, op: str, **defaults: float) -> list[list[float]]:
+    """For each name given with its default, that per-model parameter of ``params`` as one value per model."""
+    return [per_model(getattr(params, name), n, default, name, op) for name, default in defaults.items()]
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, *, wide_norms: bool) -> torch.Tensor:
@@ -81,13 +105,83 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros(n, dtype=values.dtype, device=values.device)
     if k >= n:
         return mask.fill_(1)
-    threshold = torch.kthvalue(values.cpu() if values.device.type == "mps" else values, n - k + 1).values
+    threshold = kth_largest(values, k)
     above = values > threshold
     mask[above] = 1
     missing = k - int(above.sum())
     if missing > 0:
         mask[(values == threshold).nonzero().reshape(-1)[:missing]] = 1
     return mask
+
+
+_SAMPLE = 1 << 16
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a flat tensor (1 <= k <= numel), exactly ``kthvalue(values, n − k + 1)``.
+
+    A full selection over tens of millions of entries is slow (it copies and partially sorts them all).
+    Instead, an evenly strided sample brackets the answer between two of its quantiles; one counting pass
+    finds how many entries lie above the bracket, and the exact selection runs only on the few inside
+    it. Should the bracket miss (a skewed sample), it widens, down to the whole tensor.
+    """
+    n = values.numel()
+    if n <= 4 * _SAMPLE:
+        return _kthvalue(values, n - k + 1)
+    sample = values[:: n // _SAMPLE].contiguous()
+    m = sample.numel()
+    q = 1 - k / n  # the answer's quantile
+    for margin in (0.01, 0.05, 0.25):
+        lo_rank = max(1, int((q - margin) * m))
+        hi_rank = min(m, int((q + margin) * m) + 1)
+        lo = _kthvalue(sample, lo_rank) if q - margin > 0 else None
+        hi = _kthvalue(sample, hi_rank) if q + margin < 1 else None
+        above = int(torch.count_nonzero(values > hi)) if hi is not None else 0
+        if lo is None:
+            inside = values[values <= hi]
+        elif hi is None:
+            inside = values[values >= lo]
+        else:
+            inside = values[(values >= lo) & (values <= hi)]
+        rank = k - above  # the answer is the rank-th largest inside the bracket
+        if 1 <= rank <= inside.numel():
+            return _kthvalue(inside, inside.numel() - rank + 1)
+    return _kthvalue(values, n - k + 1)
+
+
+def _kthvalue(values: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.kthvalue(values.cpu() if values.device.type == "mps" else values, k).values
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """Which entries of one task vector the magnitude trim keeps: |δ| > threshold, and |δ| == threshold
+    at flat positions below ``ties_until`` (the first ones by position, as ``top_k_mask``)."""
+
+    threshold: float
+    ties_until: int
+
+    def mask(self, magnitudes: torch.Tensor, start: int) -> torch.Tensor:
+        """The 0/1 float32 mask for the slice of |δ| that begins at flat position `start`."""
+        keep = magnitudes > self.threshold
+        tied = self.ties_until - start
+        if tied > 0:
+            keep[:tied] |= magnitudes[:tied] == self.threshold
+        return keep.to(torch.float32)
+
+
+def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float, work: torch.Tensor) -> Optional[MagnitudeCut]:
+    """The cut of ``magnitude`` for δ = model − base (flat, any float dtype; differenced in float32 in the
+    float32 buffer `work`), or None when every entry is kept."""
+    n = work.numel()
+    k = max(1, int(density * n))
+    if density >= 1 or k >= n:
+        return None
+    magnitudes = work.copy_(model).sub_(base).abs_()
+    threshold = kth_largest(magnitudes, k)
+    missing = k - int(torch.count_nonzero(magnitudes > threshold))
+    ties_until = int((magnitudes == threshold).nonzero()[missing - 1]) + 1 if missing > 0 else 0
+    return MagnitudeCut(float(threshold), ties_until)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:

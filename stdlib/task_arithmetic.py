@@ -21,16 +21,21 @@ class Params(OpParams):
     lambda_: FiniteFloat = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    weights = sp.per_model(params.weights, len(tensors), 1.0, "weights", "task_arithmetic")
+def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    weights = sp.per_model(params.weights, len(deltas), 1.0, "weights", "task_arithmetic")
     # Accumulated model by model in float32, as mergekit's sum over its stacked deltas.
-    return base + sp.weighted_sum((x - base for x in tensors), weights, params.normalize, params.lambda_)
+    return base + sp.weighted_sum(deltas, weights, params.normalize, params.lambda_)
+
+
+def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    return merge_deltas(sp.TaskVectors(tensors, base), params, base)
 
 
 OPERATOR = Operator(
     name="task_arithmetic",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ(xᵢ − base) (/ Σ wᵢ when normalize)",
     reference="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
     min_models=1,

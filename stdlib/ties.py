@@ -10,6 +10,7 @@ from typing import Annotated, Optional, Sequence
 import torch
 from pydantic import Field, FiniteFloat
 
+from . import slices as sl
 from . import sparsify as sp
 from .operator import Operator, OpParams
 
@@ -26,18 +27,43 @@ class Params(OpParams):
     lambda_: FiniteFloat = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    n = len(tensors)
-    densities = sp.per_model(params.density, n, 1.0, "density", "ties")
-    weights = sp.per_model(params.weights, n, 1.0, "weights", "ties")
-    deltas = [sp.magnitude(x - base, d, params.rescale) for x, d in zip(tensors, densities)]
-    return base + sp.disjoint_merge(deltas, weights, params.normalize, params.lambda_)
+def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+    densities, weights = sp.per_model_values(params, len(deltas), "ties", density=1.0, weights=1.0)
+    trimmed = [sp.magnitude(delta, d, params.rescale) for delta, d in zip(deltas, densities)]
+    return base + sp.disjoint_merge(trimmed, weights, params.normalize, params.lambda_)
+
+
+def merge(
+    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``merge_deltas`` of the xᵢ − base, bit for bit, from the tensors as stored: one float32 |δᵢ| at a time
+    finds each model's cut, then the trim, sign election and disjoint mean run slice by slice."""
+    if params.rescale:  # the L1 factors are sums over whole trimmed task vectors
+        wide = [t.float() for t in tensors]
+        return sl.result(base, out).copy_(merge_deltas(sp.TaskVectors(wide, base.float()), params, base.float()))
+    densities, weights = sp.per_model_values(params, len(tensors), "ties", density=1.0, weights=1.0)
+    flat, b = [t.reshape(-1) for t in tensors], base.reshape(-1)
+    work = torch.empty(b.numel(), dtype=torch.float32, device=b.device)
+    cuts = [sp.magnitude_cut(x, b, d, work) for x, d in zip(flat, densities)]
+    del work
+    res = sl.result(base, out)
+    dest = res.view(-1)
+    for start, stop in sl.spans(dest.numel()):
+        part = b[start:stop].float()
+        trimmed = []
+        for x, cut in zip(flat, cuts):
+            delta = x[start:stop].float() - part
+            trimmed.append(delta if cut is None else delta * cut.mask(delta.abs(), start))
+        dest[start:stop].copy_(part + sp.disjoint_merge(trimmed, weights, params.normalize, params.lambda_))
+    return res
 
 
 OPERATOR = Operator(
     name="ties",
     params=Params,
     merge=merge,
+    merge_deltas=merge_deltas,
+    native_inputs=True,
     doc="base + λ·Σ wᵢ·trim(δᵢ)[sign = γ] / Σ wᵢ[sign = γ], γ = sign(Σ wᵢ·trim(δᵢ))",
     reference="Yadav et al. 2023, TIES-Merging: Resolving interference when merging models, arXiv:2306.01708",
     min_models=1,

@@ -496,3 +496,59 @@ def test_sce_random_against_restatement(shape):
     x32 = [x.astype(np.float32).astype(np.float64) for x in xs]
     for topk in (1.0, 0.8, 0.3):
         np.testing.assert_allclose(run("sce", xs, base, select_topk=topk), np_sce(x32, b32, topk), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- task vectors: task_vector and merge_deltas
+
+DELTA_OPS = sorted(name for name, op in OPERATORS.items() if op.merge_deltas is not None)
+SPARSE = {
+    "ties": {"density": [0.5, 0.7, 0.3], "rescale": True},
+    "dare_linear": {"density": [0.5, 0.7, 0.3]}, "dare_ties": {"density": [0.5, 0.7, 0.3]},
+    "breadcrumbs": {"density": [0.5, 0.7, 0.3]}, "breadcrumbs_ties": {"density": [0.5, 0.7, 0.3]},
+    "della": {"density": [0.5, 0.6, 0.4]}, "della_linear": {"density": [0.5, 0.6, 0.4]},
+    "sce": {"select_topk": 0.5}, "task_arithmetic": {"weights": [0.5, 0.3, 0.2], "lambda": 1.2},
+}
+
+
+def test_task_vector_is_x_minus_base():
+    op = OPERATORS["task_vector"]
+    assert (op.min_models, op.max_models, op.base, op.elementwise, op.random) == (1, 1, "required", True, False)
+    assert op.merge_deltas is None and not op.params.model_fields
+    x, base = torch.randn(7, 5), torch.randn(7, 5)
+    out = op.merge([x], op.params(), base)
+    assert out.dtype == torch.float32 and torch.equal(out, x - base)
+    np.testing.assert_allclose(out.numpy(), x.numpy().astype(np.float64) - base.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_task_vector_operators_are_the_ones_with_merge_deltas():
+    assert set(DELTA_OPS) == set(SPARSE)
+    assert all(OPERATORS[name].base == "required" for name in DELTA_OPS)
+
+
+@pytest.mark.parametrize("name", DELTA_OPS)
+def test_merge_is_merge_deltas_of_the_task_vectors_bit_for_bit(name):
+    op = OPERATORS[name]
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 9, generator=g)
+    xs = [base + torch.randn(12, 9, generator=g) * s for s in (0.5, 1.0, 2.0)]
+    params = op.params(**SPARSE[name], **({"seed": 4} if op.random else {}))
+
+    def extra():
+        return {"generator": tensor_generator(4, "w")} if op.random else {}
+
+    deltas = [x - base for x in xs]
+    kept = [d.clone() for d in deltas]
+    from_models = op.merge(xs, params, base, **extra())
+    from_deltas = op.merge_deltas(deltas, params, base, **extra())
+    assert torch.equal(from_models, from_deltas)
+    assert len(deltas) == 3 and all(torch.equal(d, k) for d, k in zip(deltas, kept))  # shared inputs untouched
+
+
+@pytest.mark.parametrize("pair", [("dare_linear", "dare_ties"), ("breadcrumbs", "breadcrumbs_ties"),
+                                  ("della", "della_linear")])
+def test_paired_operators_share_their_parameters(pair):
+    first, second = (OPERATORS[name].params for name in pair)
+    assert issubclass(second, first)
+    assert list(first.model_fields) == list(second.model_fields)
+    differing = {k for k in first.model_fields if repr(first.model_fields[k]) != repr(second.model_fields[k])}
+    assert differing == {"normalize"}

@@ -14,12 +14,14 @@ from .eliminate_dead_nodes import eliminate_dead_nodes
 from .fold_trivial_ops import fold_trivial_ops
 from .fuse_linear import fuse_linear
 from .schedule_blocks import schedule_blocks
+from .share_task_vectors import share_task_vectors
 
 PASSES: tuple[Callable[[Graph], Graph], ...] = (
     eliminate_common_subexpressions,
     fold_trivial_ops,
     eliminate_common_subexpressions,
     fuse_linear,
+    share_task_vectors,
     eliminate_dead_nodes,
     schedule_blocks,
 )
@@ -44,4 +46,4 @@ def optimize(graph: Graph, passes=PASSES) -> list[PassReport]:
 
 
 __all__ = ["PASSES", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
-           "fold_trivial_ops", "fuse_linear", "schedule_blocks"]
+           "fold_trivial_ops", "fuse_linear", "schedule_blocks", "share_task_vectors"]
