@@ -39,8 +39,8 @@ class RunStats:
     seconds: float = 0.0
 
 
-DEFAULT_PREFETCH = 256 << 20
-WRITE_QUEUE_BYTES = 256 << 20
+DEFAULT_PREFETCH = 128 << 20
+WRITE_QUEUE_BYTES = 64 << 20
 
 
 def execute(
@@ -49,8 +49,9 @@ def execute(
     """Execute `plan` (a mgc.compiler.plan.Plan) and write each of its saves.
 
     Input tensors are read ahead on a background thread, within `max_memory` less what the
-    schedule itself holds (the plan's peak estimate), or 1 GiB when no cap is given; finished
-    tensors are written on another thread while the next ones compute.
+    schedule itself holds (the plan's peak estimate; at most 4 × DEFAULT_PREFETCH), or DEFAULT_PREFETCH
+    when no cap is given; finished tensors are written on another thread while the next ones compute,
+    with at most WRITE_QUEUE_BYTES waiting.
     """
     start = time.perf_counter()
     keep_freed_memory()
@@ -104,7 +105,7 @@ def execute(
                 values[n] = _apply(p, args, dev, result_dtypes.get(n, torch.float32))
                 stats.ops_run += 1
             elif isinstance(p, Save):
-                t = values[inputs[0]].to(dtype=p.dtype)
+                t = _cast_for_save(values[inputs[0]], p, graph.payload(inputs[0]))
                 writer_thread.submit(_write_job(writers[p.output], p.tensor, t, bar, p.nbytes), p.nbytes)
                 stats.tensors_written += 1
                 stats.bytes_written += p.nbytes
@@ -142,6 +143,20 @@ def execute(
             ckpt.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
+    """`t` in the save's dtype. A merged float32 result that overflows a float16 save is an error, as it
+    is when the operator writes float16 itself (see _result_dtypes), not a silent Inf."""
+    if t.dtype == save.dtype:
+        return t
+    cast = t.to(dtype=save.dtype)
+    if isinstance(source, Apply) and save.dtype == torch.float16 and not all_finite(cast):
+        raise MergeRuntimeError(
+            f"tensor '{save.tensor}' overflows float16 when saved to {save.output}", source.span,
+            "values beyond float16's range (±65504) become Inf: save in bf16 or float32",
+        )
+    return cast
 
 
 def _result_dtypes(graph: Graph) -> dict[int, torch.dtype]:
@@ -205,9 +220,12 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtype: 
 
 def _checked(p: Apply, out: torch.Tensor) -> torch.Tensor:
     if not all_finite(out):
+        narrow = out.dtype in (torch.float16, torch.bfloat16)
         raise MergeRuntimeError(
-            f"{p.op}() produced NaN or Inf in tensor '{p.tensor}'", p.span,
-            "check the inputs and parameters of this operation for that tensor",
+            f"{p.op}() produced NaN or Inf in tensor '{p.tensor}'" + (f" (computed for a {out.dtype} save)" if narrow else ""),
+            p.span,
+            "check the inputs and parameters of this operation for that tensor"
+            + (f"; values beyond {out.dtype}'s range overflow to Inf: save in a wider dtype" if narrow else ""),
         )
     return out
 
