@@ -9,6 +9,7 @@ from mgc.compiler.errors import OutputError
 from mgc.compiler.lower import lower
 from mgc.compiler.passes import optimize
 from mgc.compiler.plan import Plan
+from mgc.gcpause import gc_paused
 from mgc.grammar import parse, parse_file
 from mgc.runtime.execute import RunStats, execute
 
@@ -18,13 +19,14 @@ def compile_recipe(
     optimize_graph: bool = True,
 ) -> Plan:
     """Parse, check, lower and optimize a recipe file (or `text`, reported under the name `recipe`)."""
-    tree = parse(text, str(recipe)) if text is not None else parse_file(recipe)
-    program = check(tree, allow_pickle=allow_pickle)
-    if output is not None:
-        _redirect(program, Path(output))
-    graph = lower(program)
-    reports = optimize(graph) if optimize_graph else optimize(graph, passes=_schedule_only())
-    return Plan(tree, program, graph, reports)
+    with gc_paused():
+        tree = parse(text, str(recipe)) if text is not None else parse_file(recipe)
+        program = check(tree, allow_pickle=allow_pickle)
+        if output is not None:
+            _redirect(program, Path(output))
+        graph = lower(program)
+        reports = optimize(graph) if optimize_graph else optimize(graph, passes=_schedule_only())
+        return Plan(tree, program, graph, reports)
 
 
 def run(

@@ -1,6 +1,7 @@
 """The `mgc` command line."""
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet)
 
     from mgc.compiler.check import parse_size
 
+    gc.freeze()  # torch's and mgc's objects live as long as the process: no collection need walk them again
     cap = None
     if max_memory is not None:
         cap = parse_size(max_memory)

@@ -39,7 +39,7 @@ class RunStats:
     seconds: float = 0.0
 
 
-DEFAULT_PREFETCH = 128 << 20
+DEFAULT_PREFETCH = 64 << 20
 WRITE_QUEUE_BYTES = 64 << 20
 
 
