@@ -7,7 +7,7 @@ from typing import Optional
 from mgc.compiler.check import Program, check
 from mgc.compiler.errors import OutputError
 from mgc.compiler.lower import lower
-from mgc.compiler.passes import optimize
+from mgc.compiler.passes import optimize, pipeline
 from mgc.compiler.plan import Plan
 from mgc.gcpause import gc_paused
 from mgc.grammar import parse, parse_file
@@ -16,25 +16,29 @@ from mgc.runtime.execute import RunStats, execute
 
 def compile_recipe(
     recipe: str | Path, *, text: Optional[str] = None, allow_pickle: bool = False, output: Optional[str | Path] = None,
-    optimize_graph: bool = True,
+    optimize_graph: bool = True, share_task_vectors: bool = False,
 ) -> Plan:
-    """Parse, check, lower and optimize a recipe file (or `text`, reported under the name `recipe`)."""
+    """Parse, check, lower and optimize a recipe file (or `text`, reported under the name `recipe`).
+    `share_task_vectors` adds the opt-in pass of that name (see mgc.compiler.passes.pipeline)."""
     with gc_paused():
         tree = parse(text, str(recipe)) if text is not None else parse_file(recipe)
         program = check(tree, allow_pickle=allow_pickle)
         if output is not None:
             _redirect(program, Path(output))
         graph = lower(program)
-        reports = optimize(graph) if optimize_graph else optimize(graph, passes=_schedule_only())
+        passes = pipeline(share_task_vectors=share_task_vectors) if optimize_graph else _schedule_only()
+        reports = optimize(graph, passes=passes)
         return Plan(tree, program, graph, reports)
 
 
 def run(
     recipe: str | Path, *, text: Optional[str] = None, device: str = "auto", force: bool = False,
     progress: bool = False, allow_pickle: bool = False, output: Optional[str | Path] = None,
-    max_memory: Optional[int] = None,
+    max_memory: Optional[int] = None, share_task_vectors: bool = False,
 ) -> tuple[Plan, RunStats]:
-    plan = compile_recipe(recipe, text=text, allow_pickle=allow_pickle, output=output)
+    plan = compile_recipe(
+        recipe, text=text, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors,
+    )
     prepare(plan, device=device, progress=progress, force=force)
     return plan, execute(plan, device=device, force=force, progress=progress, max_memory=max_memory)
 

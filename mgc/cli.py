@@ -32,8 +32,9 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Check and plan, print the plan, write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints, which can run code: only for trusted files.")
 @click.option("--max-memory", metavar="SIZE", help="Cap on tensor memory, e.g. 8GB; the run is refused if the plan needs more.")
+@click.option("--share-task-vectors", is_flag=True, help="Compute a task vector that several task-vector operations read once, and hold it between them (more memory; rarely faster).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet):
+def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, share_task_vectors, quiet):
     """Merge: run RECIPE and write its saves."""
     from mgc.api import compile_recipe
     from mgc.runtime.execute import execute
@@ -48,7 +49,7 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet)
         if cap is None:
             raise click.BadParameter(f"not a size: {max_memory!r} (e.g. 8GB, 512MiB)", param_hint="--max-memory")
     try:
-        plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output)
+        plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors)
         if dry_run:
             click.echo(plan.summary())
             return
@@ -88,12 +89,13 @@ def check(recipe, allow_pickle):
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--explain", is_flag=True, help="List the rewrite rules that fired in each pass.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints.")
-def plan(recipe, explain, allow_pickle):
+@click.option("--share-task-vectors", is_flag=True, help="Compute a task vector that several task-vector operations read once, and hold it between them (more memory; rarely faster).")
+def plan(recipe, explain, allow_pickle, share_task_vectors):
     """Print the optimized plan of RECIPE: passes, work, bytes, peak memory."""
     from mgc.api import compile_recipe
 
     try:
-        p = compile_recipe(recipe, allow_pickle=allow_pickle)
+        p = compile_recipe(recipe, allow_pickle=allow_pickle, share_task_vectors=share_task_vectors)
     except MgcError as e:
         _fail(e)
     click.echo(p.summary(explain=explain))

@@ -20,7 +20,7 @@ from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
 from mgc.compiler.ir import Apply, Graph, Load, Save
 from mgc.compiler.plan import format_bytes
 from mgc.stdlib import OPERATORS
-from mgc.stdlib.slices import SLICE, spans
+from mgc.stdlib.slices import SLICE, slice_size, spans
 
 from .allocator import keep_freed_memory
 from .devices import pick_device
@@ -212,7 +212,7 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtype: 
         tensors.clear()
         out = torch.empty(p.shape, dtype=out_dtype, device=dev)
         dest = out.view(-1)
-        for a, b in spans(dest.numel(), ELEMENTWISE_SLICE):
+        for a, b in spans(dest.numel(), ELEMENTWISE_SLICE if dev.type == "cpu" else slice_size(dev)):
             dest[a:b].copy_(_apply_whole(op, p, [t[a:b] for t in flat], dev))
         return _checked(p, out)
     return _checked(p, _apply_whole(op, p, tensors, dev))

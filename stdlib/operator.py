@@ -12,7 +12,7 @@ An operator is a tensor-wise function lifted over models. Its module defines:
 A task-vector operator (one that takes ``base = model`` and works on δᵢ = xᵢ − base) may also
 define ``merge_deltas(deltas, params, base, **extra)``: the same math given the task vectors
 instead of the models, such that ``merge`` is ``merge_deltas`` of the xᵢ − base, bit for bit. The
-``share_task_vectors`` pass then has a task vector that several operations use computed once (by
+``share_task_vectors`` pass (opt-in) then has a task vector that several operations use computed once (by
 the ``task_vector`` operator). ``merge_deltas`` must not modify the task vectors it is given:
 other operations may read them too.
 

@@ -12,6 +12,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 SLICE = 1 << 18  # entries: a float32 slice is 1 MiB
+ACCELERATOR_SLICE = 1 << 22  # on a GPU, fewer and larger kernels: launch overhead dominates small ones
+
+
+def slice_size(device: torch.device) -> int:
+    return SLICE if device.type == "cpu" else ACCELERATOR_SLICE
 
 
 def spans(numel: int, size: Optional[int] = None) -> Iterator[tuple[int, int]]:
@@ -30,7 +35,7 @@ def gram(tensors: Sequence[torch.Tensor], size: Optional[int] = None) -> torch.T
     through one reused [N, size] float64 buffer."""
     flat = [t.reshape(-1) for t in tensors]
     n, numel = len(flat), flat[0].numel()
-    size = size or SLICE
+    size = size or slice_size(flat[0].device)
     g = torch.zeros((n, n), dtype=torch.float64, device=flat[0].device)
     buf = torch.empty((n, min(size, numel)), dtype=torch.float64, device=flat[0].device)
     for a, b in spans(numel, size):
@@ -52,8 +57,9 @@ def weighted_sum(
     res = result(tensors[0], out)
     flat, dest = [t.reshape(-1) for t in tensors], res.view(-1)
     k = [float(c) for c in coefficients]
-    acc, term = (torch.empty(min(SLICE, dest.numel()), dtype=torch.float32, device=dest.device) for _ in "ab")
-    for a, b in spans(dest.numel()):
+    size = slice_size(dest.device)
+    acc, term = (torch.empty(min(size, dest.numel()), dtype=torch.float32, device=dest.device) for _ in "ab")
+    for a, b in spans(dest.numel(), size):
         part = acc[: b - a].copy_(flat[0][a:b]).mul_(k[0])
         for ki, x in zip(k[1:], flat[1:]):
             part.add_(term[: b - a].copy_(x[a:b]).mul_(ki))

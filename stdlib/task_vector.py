@@ -1,8 +1,8 @@
 """The task vector of a fine-tuned model: x − base.
 
 As a value, a model whose tensors are the difference between a fine-tune and its base, e.g. for
-``linear(base, task_vector(code, base = base), weights = [1, 0.5], normalize = false)``. The optimizer
-inserts it (the ``share_task_vectors`` pass) where several task-vector operations over the same base
+``linear(base, task_vector(code, base = base), weights = [1, 0.5], normalize = false)``. The opt-in
+optimizer pass ``share_task_vectors`` (``--share-task-vectors``) inserts it where several task-vector operations over the same base
 read the same model, so that x − base is computed once and shared; those operations then run their
 ``merge_deltas`` on it.
 
@@ -29,7 +29,7 @@ OPERATOR = Operator(
     name="task_vector",
     params=Params,
     merge=merge,
-    doc="x − base, the task vector of a fine-tuned model; the optimizer inserts it to share task vectors",
+    doc="x − base, the task vector of a fine-tuned model (the opt-in share_task_vectors pass inserts it)",
     reference="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
     min_models=1,
     max_models=1,

@@ -48,7 +48,7 @@ def merge(
     del work
     res = sl.result(base, out)
     dest = res.view(-1)
-    for start, stop in sl.spans(dest.numel()):
+    for start, stop in sl.spans(dest.numel(), sl.slice_size(dest.device)):
         part = b[start:stop].float()
         trimmed = []
         for x, cut in zip(flat, cuts):

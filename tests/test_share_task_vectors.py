@@ -10,18 +10,17 @@ import networkx as nx
 import pytest
 import torch
 
-import mgc.api
 import mgc.stdlib.dare_ties as dare_ties
 import mgc.stdlib.linear as linear
 import mgc.stdlib.ties as ties
 from mgc.api import compile_recipe, run
 from mgc.compiler.ir import Apply, Graph, Load, Save
-from mgc.compiler.passes import PASSES, optimize, share_task_vectors
+from mgc.compiler.passes import PASSES, fuse_linear, pipeline, share_task_vectors
 from mgc.stdlib import OPERATORS
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 HEAD = "\n".join(f'{m} = model("{MODELS / m}")' for m in ("base", "code", "math", "prose")) + "\n"
-WITHOUT = tuple(p for p in PASSES if p is not share_task_vectors)
+WITH = pipeline(share_task_vectors=True)
 DELTA_OPS = sorted(name for name, op in OPERATORS.items() if op.merge_deltas is not None)
 SHAPE = (4, 4)
 
@@ -63,14 +62,14 @@ def digest(folder: Path) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("*.safetensors")))).hexdigest()
 
 
-def run_both(tmp_path: Path, body: str, monkeypatch) -> dict[str, tuple[str, str]]:
-    """Run `body` (saves into {out}/NAME) with all the passes and without share_task_vectors; returns
+def run_both(tmp_path: Path, body: str) -> dict[str, tuple[str, str]]:
+    """Run `body` (saves into {out}/NAME) with the opt-in share_task_vectors pass and without it; returns
     {output name: (digest with, digest without)}, after checking that the pass fired in the first run."""
     digests: dict[str, list[str]] = {}
-    for label, passes in (("with", PASSES), ("without", WITHOUT)):
-        monkeypatch.setattr(mgc.api, "optimize", lambda graph, passes=passes: optimize(graph, passes=passes))
+    for label in ("with", "without"):
         out = tmp_path / label
-        plan, _ = run("r.merge", text=HEAD + body.replace("{out}", str(out)), device="cpu")
+        plan, _ = run("r.merge", text=HEAD + body.replace("{out}", str(out)), device="cpu",
+                      share_task_vectors=label == "with")
         shared = plan.graph.graph["fired"].get("share_task_vectors", {})
         assert bool(shared) == (label == "with"), shared
         for folder in sorted(out.iterdir()):
@@ -195,7 +194,7 @@ c = dare_ties(code, math, prose, base = base, density = 0.5, seed = 3)
 save a to "{tmp_path}/a"
 save c to "{tmp_path}/c"
 """
-    plan = compile_recipe("r.merge", text=HEAD + body)
+    plan = compile_recipe("r.merge", text=HEAD + body, share_task_vectors=True)
     g = plan.graph
     consistent(g)
     pairs = task_vector_pairs(g)
@@ -229,13 +228,13 @@ save a to "{tmp_path}/a"
 save c to "{tmp_path}/c"
 save d to "{tmp_path}/d"
 """
-    plan = compile_recipe("r.merge", text=HEAD + body)
+    plan = compile_recipe("r.merge", text=HEAD + body, share_task_vectors=True)
     assert not task_vector_pairs(plan.graph)
     assert not any(plan.graph.payload(n).deltas for n in plan.graph.of_kind(Apply))
     assert plan.graph.graph["fired"]["share_task_vectors"] == {}
 
 
-def test_shared_and_unshared_runs_write_the_same_bytes(tmp_path, monkeypatch):
+def test_shared_and_unshared_runs_write_the_same_bytes(tmp_path):
     body = """
 a = ties(code, math, base = base, density = 0.5, weights = [1, 0.7])
 c = dare_ties(code, math, prose, base = base, density = [0.5, 0.6, 0.7], seed = 7)
@@ -244,20 +243,20 @@ save a to "{out}/a" { dtype = fp32 }
 save c to "{out}/c" { dtype = fp32 }
 save n to "{out}/n" { dtype = fp32 }
 """
-    digests = run_both(tmp_path, body, monkeypatch)
+    digests = run_both(tmp_path, body)
     assert set(digests) == {"a", "c", "n"}
     for name, (shared, unshared) in digests.items():
         assert shared == unshared, name
 
 
-def test_a_random_operator_writes_the_same_bytes_shared_or_not(tmp_path, monkeypatch):
+def test_a_random_operator_writes_the_same_bytes_shared_or_not(tmp_path):
     body = """
 a = dare_ties(code, math, base = base, density = 0.5, seed = 11)
 c = dare_ties(code, math, base = base, density = 0.6, seed = 11)
 save a to "{out}/a" { dtype = fp32 }
 save c to "{out}/c" { dtype = fp32 }
 """
-    digests = run_both(tmp_path, body, monkeypatch)
+    digests = run_both(tmp_path, body)
     assert all(shared == unshared for shared, unshared in digests.values())
     assert digests["a"][0] != digests["c"][0]
 
@@ -275,12 +274,25 @@ def test_every_task_vector_operator_is_covered():
 
 
 @pytest.mark.parametrize("op", DELTA_OPS)
-def test_every_task_vector_operator_writes_the_same_bytes_shared_or_not(op, tmp_path, monkeypatch):
+def test_every_task_vector_operator_writes_the_same_bytes_shared_or_not(op, tmp_path):
     body = f"""
 a = {op}(code, math, prose, base = base, {PARAMS[op]})
 c = task_arithmetic(code, math, base = base)
 save a to "{{out}}/a" {{ dtype = fp32 }}
 save c to "{{out}}/c" {{ dtype = fp32 }}
 """
-    digests = run_both(tmp_path, body, monkeypatch)
+    digests = run_both(tmp_path, body)
     assert all(shared == unshared for shared, unshared in digests.values())
+
+
+def test_the_pass_is_opt_in():
+    assert share_task_vectors not in PASSES
+    assert WITH.index(share_task_vectors) == WITH.index(fuse_linear) + 1
+    body = """
+a = ties(code, math, base = base, density = 0.5)
+c = task_arithmetic(code, math, base = base)
+save a to "/tmp/never/a"
+save c to "/tmp/never/c"
+"""
+    assert not task_vector_pairs(compile_recipe("r.merge", text=HEAD + body).graph)
+    assert task_vector_pairs(compile_recipe("r.merge", text=HEAD + body, share_task_vectors=True).graph)

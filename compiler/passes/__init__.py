@@ -21,10 +21,19 @@ PASSES: tuple[Callable[[Graph], Graph], ...] = (
     fold_trivial_ops,
     eliminate_common_subexpressions,
     fuse_linear,
-    share_task_vectors,
     eliminate_dead_nodes,
     schedule_blocks,
 )
+
+
+def pipeline(*, share_task_vectors: bool = False) -> tuple[Callable[[Graph], Graph], ...]:
+    """PASSES, with the opt-in ones asked for. ``share_task_vectors`` is opt-in because it trades memory for
+    a subtraction: the shared float32 task vectors stay alive between their users, while the streaming
+    operators fuse x − base into their slice loops for almost nothing (docs/performance.md measures it)."""
+    if not share_task_vectors:
+        return PASSES
+    at = PASSES.index(fuse_linear) + 1
+    return PASSES[:at] + (globals()["share_task_vectors"],) + PASSES[at:]
 
 
 @dataclass
@@ -45,5 +54,5 @@ def optimize(graph: Graph, passes=PASSES) -> list[PassReport]:
     return reports
 
 
-__all__ = ["PASSES", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
+__all__ = ["PASSES", "pipeline", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
            "fold_trivial_ops", "fuse_linear", "schedule_blocks", "share_task_vectors"]
