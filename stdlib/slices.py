@@ -11,8 +11,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-SLICE = 1 << 18  # entries: a float32 slice is 1 MiB
+SLICE = 1 << 20  # entries: a float32 slice is 4 MiB, few enough slices that Python's share is small
 ACCELERATOR_SLICE = 1 << 22  # on a GPU, fewer and larger kernels: launch overhead dominates small ones
+GRAM_BUFFER = 16 << 20  # bytes of gram()'s float64 [N, slice] buffer, whatever the number of tensors
 
 
 def slice_size(device: torch.device) -> int:
@@ -35,7 +36,7 @@ def gram(tensors: Sequence[torch.Tensor], size: Optional[int] = None) -> torch.T
     through one reused [N, size] float64 buffer."""
     flat = [t.reshape(-1) for t in tensors]
     n, numel = len(flat), flat[0].numel()
-    size = size or slice_size(flat[0].device)
+    size = size or min(slice_size(flat[0].device), GRAM_BUFFER // (8 * n))
     g = torch.zeros((n, n), dtype=torch.float64, device=flat[0].device)
     buf = torch.empty((n, min(size, numel)), dtype=torch.float64, device=flat[0].device)
     for a, b in spans(numel, size):
