@@ -156,3 +156,14 @@ class Graph(nx.DiGraph):
         for _, d in self.nodes(data=True):
             out[type(d["node"]).__name__.lower()] += 1
         return out
+
+
+def saved_dtype_results(graph: Graph) -> dict[int, torch.dtype]:
+    """The apply nodes whose every user is a save of one dtype: the runtime has them produce that dtype
+    directly (where the operator can), instead of a float32 result cast at the save."""
+    out = {}
+    for n in graph.of_kind(Apply):
+        dtypes = {graph.payload(u).dtype if isinstance(graph.payload(u), Save) else None for u in graph.successors(n)}
+        if len(dtypes) == 1 and None not in dtypes:
+            out[n] = dtypes.pop()
+    return out

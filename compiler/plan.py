@@ -6,10 +6,36 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from mgc.stdlib import OPERATORS
+from mgc.stdlib.slices import GRAM_BUFFER, SLICE
+
 from . import ast
 from .check import Program
-from .ir import Apply, Graph, Load, Save
+from .ir import Apply, Graph, Load, Save, _itemsize, saved_dtype_results
 from .passes import PassReport
+
+
+def _transient(p: Apply, op, k: int) -> int:
+    """Bytes an operation holds while it runs, beyond its inputs and result (k graph inputs):
+
+    * an operator reading stored dtypes (``native_inputs``): a few float32 slices and gram()'s float64
+      buffer; ``ties`` also one float32 |δ| of the whole tensor and three boolean masks over it while it
+      finds the k-th largest magnitude; ``karcher`` with Fisher models its dense
+      float64 [N, d] units and Fisher weights;
+    * an elementwise operator run slice by slice: float32 copies of one slice of each input;
+    * any other: float32 copies of every input, and as much again for the operator's own temporaries.
+    """
+    numel = math.prod(p.shape)
+    slice_bytes = 4 * min(numel, SLICE)
+    if op.native_inputs and not p.deltas:
+        if p.aux:
+            return 2 * 8 * numel * k + 4 * numel
+        return (k + 3) * slice_bytes + min(GRAM_BUFFER, 8 * numel * k) + (7 * numel if p.op == "ties" else 0)
+    if op.elementwise and not op.random:
+        return (k + 2) * slice_bytes
+    return 2 * 4 * numel * k
 
 
 @dataclass
@@ -31,28 +57,32 @@ class Plan:
         return sorted({self.graph.payload(n).checkpoint for n in self.graph.of_kind(Load)})
 
     def peak_memory(self) -> int:
-        """Estimated peak bytes of tensor data held while running the schedule.
+        """Estimated peak bytes of tensor data held while running the schedule, as the runtime works.
 
-        Loaded tensors count at their stored size, results of merges at float32,
-        plus each merge's transient float32 copies of its inputs (float64 for karcher,
-        which iterates in double precision) and each save's cast copy.
+        Loaded tensors count at their stored size. A merge's result counts at float32, or at the saved
+        dtype where its only users are saves and the operator writes that dtype directly. While a merge
+        runs, its transient memory is added: see ``_transient``. A save adds a cast copy when its
+        input is not already in the saved dtype.
         """
         g = self.graph
         uses = Counter(i for n in g.nodes for i in g.inputs(n))
+        direct = saved_dtype_results(g)
         held: dict[int, int] = {}
+        dtypes: dict[int, torch.dtype] = {}
         live = peak = 0
         for n in g.graph["order"]:
             p = g.payload(n)
             inputs = g.inputs(n)
             transient = 0
             if isinstance(p, Load):
-                held[n] = p.nbytes
+                held[n], dtypes[n] = p.nbytes, p.dtype
             elif isinstance(p, Apply):
-                numel = math.prod(p.shape)
-                k = len(inputs)
-                transient = 4 * numel * k + (16 * numel * k if p.op == "karcher" else 0)
-                held[n] = p.nbytes
-            else:
+                op = OPERATORS[p.op]
+                streams = (op.native_inputs and not p.deltas) or (op.elementwise and not op.random)
+                dtypes[n] = direct.get(n, torch.float32) if streams else torch.float32
+                held[n] = math.prod(p.shape) * _itemsize(dtypes[n])
+                transient = _transient(p, op, len(inputs))
+            elif dtypes.get(inputs[0]) != p.dtype:
                 transient = p.nbytes
             live += held.get(n, 0)
             peak = max(peak, live + transient)

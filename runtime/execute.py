@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
-from mgc.compiler.ir import Apply, Graph, Load, Save
+from mgc.compiler.ir import Apply, Graph, Load, Save, saved_dtype_results
 from mgc.compiler.plan import format_bytes
 from mgc.stdlib import OPERATORS
 from mgc.stdlib.slices import SLICE, slice_size, spans
@@ -160,13 +160,7 @@ def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
 
 
 def _result_dtypes(graph: Graph) -> dict[int, torch.dtype]:
-    """The apply nodes whose every user is a save of one dtype: they may produce it directly."""
-    out = {}
-    for n in graph.of_kind(Apply):
-        dtypes = {graph.payload(u).dtype if isinstance(graph.payload(u), Save) else None for u in graph.successors(n)}
-        if len(dtypes) == 1 and None not in dtypes:
-            out[n] = dtypes.pop()
-    return out
+    return saved_dtype_results(graph)
 
 
 def _reader(checkpoints, p: Load):
