@@ -6,11 +6,15 @@ a kernel-zeroed page per 4 KiB: measured at over half of a merge's CPU time on 2
 docs/performance.md). Serving them from the heap and keeping freed memory there makes a buffer's second
 use free. The heap grows only when no freed block fits, so the process's peak stays close to what the
 merge holds at its peak (fragmentation adds a little; docs/performance.md has the figures).
+
+The setting is process-wide and stays after the merge. A program that embeds mgc and wants glibc's
+defaults can set ``MGC_MALLOC=default`` in the environment.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 M_TRIM_THRESHOLD = -1
@@ -25,7 +29,7 @@ def keep_freed_memory(top_pad: int = 64 << 20) -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("MGC_MALLOC") == "default":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

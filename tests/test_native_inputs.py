@@ -628,6 +628,16 @@ def test_keep_freed_memory_returns_a_bool_and_is_idempotent():
     assert torch.zeros(1 << 20).sum().item() == 0
 
 
+def test_mgc_malloc_default_leaves_the_allocator_alone():
+    import subprocess
+    import sys
+
+    code = "from mgc.runtime.allocator import keep_freed_memory; print(keep_freed_memory())"
+    env = {**__import__("os").environ, "MGC_MALLOC": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ---------------------------------------------------------------- float16 overflow
 
 
