@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -629,11 +632,8 @@ def test_keep_freed_memory_returns_a_bool_and_is_idempotent():
 
 
 def test_mgc_malloc_default_leaves_the_allocator_alone():
-    import subprocess
-    import sys
-
     code = "from mgc.runtime.allocator import keep_freed_memory; print(keep_freed_memory())"
-    env = {**__import__("os").environ, "MGC_MALLOC": "default"}
+    env = {**os.environ, "MGC_MALLOC": "default"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
