@@ -25,6 +25,8 @@ PASSES: tuple[Callable[[Graph], Graph], ...] = (
     schedule_blocks,
 )
 
+_SHARE_TASK_VECTORS = share_task_vectors  # pipeline()'s keyword of the same name hides the function
+
 
 def pipeline(*, share_task_vectors: bool = False) -> tuple[Callable[[Graph], Graph], ...]:
     """PASSES, with the opt-in ones asked for. ``share_task_vectors`` is opt-in because it trades memory for
@@ -33,7 +35,7 @@ def pipeline(*, share_task_vectors: bool = False) -> tuple[Callable[[Graph], Gra
     if not share_task_vectors:
         return PASSES
     at = PASSES.index(fuse_linear) + 1
-    return PASSES[:at] + (globals()["share_task_vectors"],) + PASSES[at:]
+    return PASSES[:at] + (_SHARE_TASK_VECTORS,) + PASSES[at:]
 
 
 @dataclass
