@@ -29,6 +29,8 @@ from typing import Annotated, Iterable, Optional, Sequence
 import torch
 from pydantic import Field
 
+from . import slices as sl
+
 _NORM_EPS = 1e-7  # mergekit's tolerance below which an L1 norm is not rescaled
 
 
@@ -177,7 +179,13 @@ def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float, work:
     k = max(1, int(density * n))
     if density >= 1 or k >= n:
         return None
-    magnitudes = work.copy_(model).sub_(base).abs_()
+    # Widened slice by slice: a float32 − bf16 subtraction over the whole tensor takes a slow mixed-dtype
+    # path (5× slower than widening both sides first).
+    size = sl.slice_size(work.device)
+    wide_base = torch.empty(min(size, n), dtype=torch.float32, device=work.device)
+    for a, b in sl.spans(n, size):
+        work[a:b].copy_(model[a:b]).sub_(wide_base[: b - a].copy_(base[a:b])).abs_()
+    magnitudes = work
     threshold = kth_largest(magnitudes, k)
     missing = k - int(torch.count_nonzero(magnitudes > threshold))
     ties_until = int((magnitudes == threshold).nonzero()[missing - 1]) + 1 if missing > 0 else 0
