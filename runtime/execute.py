@@ -72,7 +72,7 @@ def execute(
     checkpoints = plan.program.checkpoints
     order = graph.graph["order"]
     uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
-    result_dtypes = _result_dtypes(graph)
+    result_dtypes = saved_dtype_results(graph)
     values: dict[int, torch.Tensor] = {}
     stats = RunStats()
     staged: dict = {}
@@ -147,7 +147,7 @@ def execute(
 
 def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
     """`t` in the save's dtype. A merged float32 result that overflows a float16 save is an error, as it
-    is when the operator writes float16 itself (see _result_dtypes), not a silent Inf."""
+    is when the operator writes float16 itself (see saved_dtype_results), not a silent Inf."""
     if t.dtype == save.dtype:
         return t
     cast = t.to(dtype=save.dtype)
@@ -157,10 +157,6 @@ def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
             "values beyond float16's range (±65504) become Inf: save in bf16 or float32",
         )
     return cast
-
-
-def _result_dtypes(graph: Graph) -> dict[int, torch.dtype]:
-    return saved_dtype_results(graph)
 
 
 def _reader(checkpoints, p: Load):
@@ -193,12 +189,12 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtype: 
     operators that can fill it directly (native_inputs, or elementwise ones run slice by slice) then never
     hold a whole float32 result."""
     op = OPERATORS[p.op]
-    if op.native_inputs and not p.deltas:  # merge_deltas takes float32 task vectors
+    if op.reads_stored(p.deltas):
         for k, t in enumerate(tensors):
             tensors[k] = t.to(device=dev, non_blocking=True)
         out = torch.empty(p.shape, dtype=out_dtype, device=dev)
         return _checked(p, _call(op, p, tensors, out=out))
-    if op.elementwise and not op.random:
+    if op.runs_in_slices:
         # Slice by slice: each input's float32 copy exists one slice at a time, small enough to be reused
         # from the allocator's free lists, and the same elementwise arithmetic gives the same bytes as
         # the whole-tensor call.

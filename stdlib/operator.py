@@ -71,6 +71,19 @@ class Operator:
     # is saved in, so the runtime makes no whole float32 copy of the inputs or of the result
     native_inputs: bool = False
 
+    def reads_stored(self, on_deltas: bool = False) -> bool:
+        """merge() takes the tensors as stored and fills `out` (merge_deltas takes float32 task vectors)."""
+        return self.native_inputs and not on_deltas
+
+    @property
+    def runs_in_slices(self) -> bool:
+        """The runtime may call merge() slice by slice: elementwise, and no random draws over the whole tensor."""
+        return self.elementwise and not self.random
+
+    def fills_output(self, on_deltas: bool = False) -> bool:
+        """The runtime can have this operator produce its result in the saved dtype, with no float32 copy."""
+        return self.reads_stored(on_deltas) or self.runs_in_slices
+
     def arity_text(self) -> str:
         if self.max_models is None:
             return f"{self.min_models} or more models"

@@ -39,8 +39,9 @@ def merge(
     """``merge_deltas`` of the xᵢ − base, bit for bit, from the tensors as stored: one float32 |δᵢ| at a time
     finds each model's cut, then the trim, sign election and disjoint mean run slice by slice."""
     if params.rescale:  # the L1 factors are sums over whole trimmed task vectors
-        wide = [t.float() for t in tensors]
-        return sl.result(base, out).copy_(merge_deltas(sp.TaskVectors(wide, base.float()), params, base.float()))
+        wide_base = base.float()
+        deltas = sp.TaskVectors([t.float() for t in tensors], wide_base)
+        return sl.result(base, out).copy_(merge_deltas(deltas, params, wide_base))
     densities, weights = sp.per_model_values(params, len(tensors), "ties", density=1.0, weights=1.0)
     flat, b = [t.reshape(-1) for t in tensors], base.reshape(-1)
     work = torch.empty(b.numel(), dtype=torch.float32, device=b.device)

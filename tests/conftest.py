@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -24,3 +25,12 @@ def models(tmp_path) -> Path:
     dest = tmp_path / "models"
     shutil.copytree(MODELS, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny example models run several times faster on one thread (thread overhead dominates)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

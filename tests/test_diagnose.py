@@ -26,12 +26,8 @@ for value in x:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny example models run several times faster on one thread (thread overhead dominates)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 def _gen(seed=0):

@@ -39,12 +39,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny example models run several times faster on one thread (thread overhead dominates)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,9 @@ CODE_TEXT = "def add(a, b):\n    return a + b\n\nfor i in range(3):\n    print(i
 MATH_TEXT = "2 + 3 = 5\n\nsolve 3x = 9, so x = 3\n\nthe sum of 1 and 1 is 2\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one thread is fastest, and steady on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(autouse=True)

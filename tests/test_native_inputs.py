@@ -525,8 +525,8 @@ def test_result_dtypes_on_a_hand_built_graph():
     top = apply(feeds_apply, y)
     save(top, "g", torch.bfloat16)
     unused = apply(y, y)
-    assert ex._result_dtypes(g) == {only_bf16: torch.bfloat16, two_fp16: torch.float16, top: torch.bfloat16}
-    assert unused not in ex._result_dtypes(g)
+    assert ex.saved_dtype_results(g) == {only_bf16: torch.bfloat16, two_fp16: torch.float16, top: torch.bfloat16}
+    assert unused not in ex.saved_dtype_results(g)
 
 
 NESTED = """
@@ -540,7 +540,7 @@ save k to "{out}/k" { dtype = bf16 }
 def test_result_dtypes_on_a_compiled_plan(tmp_path):
     plan = compile_recipe("r.merge", text=HEAD + NESTED.replace("{out}", str(tmp_path)))
     g = plan.graph
-    dtypes = ex._result_dtypes(g)
+    dtypes = ex.saved_dtype_results(g)
     applies = {op: [n for n in g.of_kind(Apply) if g.payload(n).op == op] for op in ("karcher", "slerp")}
     assert applies["karcher"] and applies["slerp"]
     for n in applies["slerp"]:  # its only user is the bf16 save
@@ -571,9 +571,9 @@ def run_both_ways(tmp_path: Path, body: str, monkeypatch, ops) -> tuple[dict, di
     monkeypatch.setattr(slices, "SLICE", SMALL_SLICE)  # the example tensors span several slices
     digests: dict[str, list[str]] = {}
     given = {}
-    original = ex._result_dtypes
+    original = ex.saved_dtype_results
     for label in ("native", "float32"):
-        monkeypatch.setattr(ex, "_result_dtypes", original if label == "native" else (lambda graph: {}))
+        monkeypatch.setattr(ex, "saved_dtype_results", original if label == "native" else (lambda graph: {}))
         seen = spy_out_dtypes(monkeypatch, ops)
         out = tmp_path / label
         run("r.merge", text=HEAD + body.replace("{out}", str(out)), device="cpu")
