@@ -103,17 +103,9 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """A 0/1 mask (in values' dtype) of the k largest of a flat tensor; ties at the k-th value by position."""
-    n = values.numel()
-    mask = torch.zeros(n, dtype=values.dtype, device=values.device)
-    if k >= n:
-        return mask.fill_(1)
-    threshold = kth_largest(values, k)
-    above = values > threshold
-    mask[above] = 1
-    missing = k - int(above.sum())
-    if missing > 0:
-        mask[(values == threshold).nonzero().reshape(-1)[:missing]] = 1
-    return mask
+    if k >= values.numel():
+        return torch.ones_like(values)
+    return _cut(values, k).mask(values, 0)
 
 
 _SAMPLE = 1 << 16
@@ -164,12 +156,12 @@ class MagnitudeCut:
     ties_until: int
 
     def mask(self, magnitudes: torch.Tensor, start: int) -> torch.Tensor:
-        """The 0/1 float32 mask for the slice of |δ| that begins at flat position `start`."""
+        """The 0/1 mask (in the magnitudes' dtype) for the slice of |δ| that begins at flat position `start`."""
         keep = magnitudes > self.threshold
         tied = self.ties_until - start
         if tied > 0:
             keep[:tied] |= magnitudes[:tied] == self.threshold
-        return keep.to(torch.float32)
+        return keep.to(magnitudes.dtype)
 
 
 def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float, work: torch.Tensor) -> Optional[MagnitudeCut]:
@@ -185,7 +177,11 @@ def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float, work:
     wide_base = torch.empty(min(size, n), dtype=torch.float32, device=work.device)
     for a, b in sl.spans(n, size):
         work[a:b].copy_(model[a:b]).sub_(wide_base[: b - a].copy_(base[a:b])).abs_()
-    magnitudes = work
+    return _cut(work, k)
+
+
+def _cut(magnitudes: torch.Tensor, k: int) -> MagnitudeCut:
+    """The cut keeping the k largest of flat magnitudes (k < numel), ties at the k-th by position."""
     threshold = kth_largest(magnitudes, k)
     missing = k - int(torch.count_nonzero(magnitudes > threshold))
     ties_until = int((magnitudes == threshold).nonzero()[missing - 1]) + 1 if missing > 0 else 0
