@@ -20,9 +20,9 @@ from mgc.stdlib import OPERATORS
 
 from . import ast
 from .errors import (
-    CheckpointError, MgcError, MgcErrors, RecipeNameError, RecipeTypeError, Span, did_you_mean,
+    CheckpointError, MgcError, MgcErrors, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, Span, did_you_mean,
 )
-from .layers import count_layers
+from .layers import layer_map
 from .params import bind, resolve_all, unmatched_selectors
 from .values import (
     Bool, CheckpointModel, FisherModel, Function, LayerRange, ListV, ModelValue, Num, OpModel, Selector, StackModel,
@@ -38,16 +38,18 @@ SAVE_DTYPES = {
 }
 SAVE_OPTIONS = ("dtype", "shard", "tokenizer")
 DEFAULT_SHARD = 5 * 10**9
+MAX_MODEL_DEPTH = 200  # operations nested in one value; deeper ones would exhaust Python's stack when lowered
 
 
 @dataclass
 class SaveSpec:
     model: ModelValue
     path: Path
-    dtype: Optional[torch.dtype]  # None: each tensor keeps its source dtype
+    dtype: torch.dtype  # of every floating tensor; non-floating ones keep their own
     shard_bytes: int
     tokenizer: Optional[CheckpointModel]
     span: Span
+    config: dict = field(default_factory=dict)  # config.json of the output, derived from its tensors' sources
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Program:
     unused: list[str] = field(default_factory=list)
     # fisher(...) values by cache folder: mgc.fisher computes the missing ones before a run
     fishers: dict[Path, FisherModel] = field(default_factory=dict)
+    warnings: list[MgcError] = field(default_factory=list)  # reported by check, plan and run; nothing stops
 
 
 class _Poisoned(Exception):
@@ -75,6 +78,8 @@ class Checker:
         self.defs: dict[str, ast.Def] = {}
         self.checkpoints: dict[Path, object] = {}
         self.fishers: dict[Path, FisherModel] = {}
+        self.layer_maps: dict[Path, object] = {}
+        self.warnings: list[MgcError] = []
         self.errors: list[MgcError] = []
         self.reads: dict[int, set[int]] = {}  # statement -> the assignments it read
         self.current_reads: set[int] = set()
@@ -107,7 +112,7 @@ class Checker:
             ))
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
-        return Program(saves, self.checkpoints, self._unused(), self.fishers)
+        return Program(saves, self.checkpoints, self._unused(), self.fishers, self.warnings)
 
     def _unused(self) -> list[str]:
         """Assigned names that no save needs, directly or through other assignments."""
@@ -236,12 +241,13 @@ class Checker:
         arg = self.eval(e.args[0], env, stack)
         if not isinstance(arg, Str):
             raise RecipeTypeError(f"model() takes a path string, not {kind_of(arg)}", e.args[0].span)
-        path = (self.base_dir / os.path.expanduser(arg.value)).resolve()
-        if not path.exists():
-            from mgc.runtime import hub
+        from mgc.runtime import hub
+        from mgc.runtime.checkpoint import resolve_checkpoint_path
 
-            if hub.looks_like_hub_id(arg.value):
-                path = hub.fetch(arg.value, arg.span).resolve()
+        # only an explicit hf://org/name is fetched (runtime/hub.py); anything else is a local path
+        path = resolve_checkpoint_path(arg.value, self.base_dir, arg.span)
+        if not os.path.lexists(path):
+            raise hub.not_found(arg.value, self.base_dir, arg.span)
         ckpt = self.checkpoints.get(path)
         if ckpt is None:
             from mgc.runtime.checkpoint import Checkpoint
@@ -254,7 +260,12 @@ class Checker:
                 raise
             self.checkpoints[path] = ckpt
         tensors = {n: TensorSpec(i.shape, i.dtype) for n, i in ckpt.tensors.items()}
-        return CheckpointModel(ckpt, e.span, tensors, count_layers(ckpt.config, tensors))
+        if ckpt.path not in self.layer_maps:
+            try:
+                self.layer_maps[ckpt.path] = layer_map(ckpt.config, tensors, str(ckpt.path))
+            except CheckpointError as err:
+                raise CheckpointError(err.message, arg.span, err.hint) from None
+        return CheckpointModel(ckpt, e.span, tensors, self.layer_maps[ckpt.path])
 
     def _fisher(self, e: ast.Call, env, stack) -> FisherModel:
         """`fisher(m, data = "file.txt", samples = 64, max_length = 256)`: checked here, computed before the run."""
@@ -315,7 +326,7 @@ class Checker:
         tensors = {
             n: TensorSpec(s.shape, torch.float32 if s.dtype.is_floating_point else s.dtype) for n, s in model.tensors.items()
         }
-        value = FisherModel(model, path, samples, max_length, key, cache, e.span, tensors, model.num_layers)
+        value = FisherModel(model, path, samples, max_length, key, cache, e.span, tensors, model.layers)
         self.fishers.setdefault(cache, value)
         return value
 
@@ -340,6 +351,7 @@ class Checker:
 
     def _layer_slice(self, e: ast.LayerSlice, env, stack) -> LayerRange:
         model = self._model(e.value, env, stack, "the value sliced with .layers[...]")
+        _require_primary_stack(model, e.span)
         start = 0 if e.start is None else e.start
         stop = model.num_layers if e.stop is None else e.stop
         if start < 0:
@@ -362,16 +374,26 @@ class Checker:
         for arg in e.args:
             value = self.eval(arg, env, stack)
             if isinstance(value, ModelValue):
+                _require_primary_stack(value, arg.span)
                 value = LayerRange(value, 0, value.num_layers, arg.span)
             if not isinstance(value, LayerRange):
                 raise RecipeTypeError(f"stack() takes layer ranges like m.layers[0:4], not {kind_of(value)}", arg.span)
             parts.append(value)
+        prefix = parts[0].model.layers.primary.prefix
+        for part in parts[1:]:
+            if part.model.layers.primary.prefix != prefix:
+                raise RecipeTypeError(
+                    f"stack(): this part's layers are named '{part.model.layers.primary.prefix}N' but the first part's "
+                    f"'{prefix}N'", part.span, "stack() joins layers of one architecture",
+                )
         sources = stack_sources(tuple(parts))
         tensors = {}
         for name, (model, src) in sources.items():
             tensors[name] = model.tensors[src]
         _check_stack_shapes(parts)
-        return StackModel(tuple(parts), e.span, tensors, sum(p.stop - p.start for p in parts), sources)
+        layers = parts[0].model.layers.with_primary_count(sum(p.stop - p.start for p in parts))
+        depth = 1 + max(p.model.depth for p in parts)
+        return self._deep_enough(StackModel(tuple(parts), e.span, tensors, layers, depth, sources))
 
     def _with(self, e: ast.With, env, stack) -> WithModel:
         base = self._model(e.value, env, stack, "the value before `with`")
@@ -379,7 +401,7 @@ class Checker:
         for entry in e.table.entries:
             selector = _layer_bounds(_selector(entry.key), base.num_layers)
             model = self._model(entry.value, env, stack, f"the override for '{selector}'")
-            matched = [n for n in base.tensors if selector.matches(n)]
+            matched = [n for n in base.tensors if selector.matches(n, base.layers)]
             if not matched:
                 raise RecipeNameError(
                     f"selector '{selector}' matches no tensor of the model", entry.key.span, _selector_hint(selector, base.tensors)
@@ -389,7 +411,8 @@ class Checker:
                     raise CheckpointError(f"the override for '{selector}' has no tensor '{name}'", entry.value.span)
                 _same_shape(name, base.tensors[name], model.tensors[name], entry.value.span)
             overrides.append((selector, model))
-        return WithModel(base, tuple(overrides), e.span, dict(base.tensors), base.num_layers)
+        depth = 1 + max([base.depth] + [m.depth for _, m in overrides])
+        return self._deep_enough(WithModel(base, tuple(overrides), e.span, dict(base.tensors), base.layers, depth))
 
     def _apply(self, op, e: ast.Call, env, stack) -> OpModel:
         models = tuple(self._model(a, env, stack, f"argument {i + 1} of {op.name}()") for i, a in enumerate(e.args))
@@ -451,12 +474,21 @@ class Checker:
             if k.name != "base":
                 value_spans[k.name] = k.value.span
         for name, (value, _) in kwargs.items():
-            for selector in unmatched_selectors(value, tensors):
+            for selector in unmatched_selectors(value, tensors, reference.layers):
                 raise RecipeNameError(
                     f"selector '{selector}' in '{name}' matches no tensor", selector.span, _selector_hint(selector, tensors)
                 )
-        resolved = resolve_all(op, params, value_spans, e.span, n, tensors, reference.num_layers)
-        return OpModel(op, models, base, params, resolved, e.span, tensors, reference.num_layers, aux)
+        resolved = resolve_all(op, params, value_spans, e.span, n, tensors, reference.layers)
+        depth = 1 + max(m.depth for m in inputs + aux_models)
+        return self._deep_enough(OpModel(op, models, base, params, resolved, e.span, tensors, reference.layers, depth, aux))
+
+    def _deep_enough(self, model: ModelValue) -> ModelValue:
+        if model.depth > MAX_MODEL_DEPTH:
+            raise RecipeTypeError(
+                f"this model is made of more than {MAX_MODEL_DEPTH} nested operations", model.span,
+                "merge in fewer stages, or save an intermediate result and load it with model(...)",
+            )
+        return model
 
     def _models_per_input(self, op, k: ast.Kwarg, n: int, env, stack) -> tuple[ModelValue, ...]:
         """A model-valued parameter such as `fisher = [fa, fb]`: one model per input model."""
@@ -476,7 +508,11 @@ class Checker:
 
     def _save(self, stmt: ast.Save, earlier: list[SaveSpec]) -> SaveSpec:
         model = self._model(stmt.value, {}, (), "what `save` writes")
-        path = (self.base_dir / os.path.expanduser(stmt.path)).resolve()
+        try:
+            path = (self.base_dir / os.path.expanduser(stmt.path)).resolve()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise OutputError(f"cannot use '{stmt.path}' as an output folder: {getattr(err, 'strerror', None) or err}",
+                              stmt.path_span) from None
         for other in earlier:
             if other.path == path:
                 raise RecipeNameError(f"two saves write to '{stmt.path}'", stmt.path_span, f"the first is at {other.span}")
@@ -494,7 +530,31 @@ class Checker:
         tokenizer = model.config_source
         if "tokenizer" in opts:
             tokenizer = self._model(opts["tokenizer"].value, {}, (), "the tokenizer option").config_source
-        return SaveSpec(model, path, dtype, shard, tokenizer, stmt.span)
+        if dtype is None:
+            dtype = self._common_dtype(model, stmt)
+        config = model.config()
+        try:
+            layer_map(config, model.tensors, f"the output '{stmt.path}'")
+        except CheckpointError as err:  # a config that does not describe the tensors written is never saved
+            raise RecipeTypeError(err.message, stmt.span, err.hint) from None
+        return SaveSpec(model, path, dtype, shard, tokenizer, stmt.span, config)
+
+    def _common_dtype(self, model: ModelValue, stmt: ast.Save) -> torch.dtype:
+        """Without `dtype`, every floating tensor is saved in the dtype the input checkpoints share; where
+        they disagree, in the widest of theirs (float16 with bfloat16 gives float32), with a warning."""
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        for leaf in dict.fromkeys(model.leaves()):
+            for dtype in dict.fromkeys(s.dtype for s in leaf.tensors.values() if s.dtype.is_floating_point):
+                by_dtype.setdefault(dtype, []).append(_short(leaf.checkpoint.path))
+        dtype = widest_dtype(by_dtype)
+        if len(by_dtype) > 1:
+            shown = "; ".join(f"{_DTYPE_NAMES.get(d, str(d))}: {', '.join(names)}" for d, names in by_dtype.items())
+            self.warnings.append(MgcWarning(
+                f"the inputs of this save are stored in different dtypes ({shown}); writing "
+                f"{_DTYPE_NAMES.get(dtype, str(dtype))}, which holds them all", stmt.span,
+                "set the save's dtype to choose, e.g. { dtype = bf16 }",
+            ))
+        return dtype
 
     def _save_dtype(self, option: Optional[ast.Option]) -> Optional[torch.dtype]:
         if option is None:
@@ -512,27 +572,57 @@ class Checker:
         if option is None:
             return DEFAULT_SHARD
         v = self.eval(option.value, {}, ())
-        if isinstance(v, Num) and v.value >= 1:
+        if isinstance(v, Num) and 1 <= v.value <= MAX_SIZE:  # false for inf and NaN too
             return int(v.value)
         if isinstance(v, Str):
             size = parse_size(v.value)
             if size:
                 return size
-        raise RecipeTypeError("shard must be a size such as \"2GB\", \"500MB\" or a byte count", option.value.span)
+        raise RecipeTypeError(
+            "shard must be a size such as \"2GB\", \"500MB\" or a byte count", option.value.span,
+            "sizes run from 1 byte to 2**63 - 1 bytes" if isinstance(v, (Num, Str)) else None,
+        )
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+
+
+def widest_dtype(dtypes) -> torch.dtype:
+    """The narrowest floating dtype that holds every value of each of `dtypes` (float32 when there are none)."""
+    dtypes = set(dtypes)
+    if not dtypes:
+        return torch.float32
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    if torch.float64 in dtypes:
+        return torch.float64
+    return torch.float32
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+MAX_SIZE = 2**63 - 1
 
 
 def parse_size(text: str) -> Optional[int]:
+    """Bytes in "2GB", "512MiB", "1000"; None unless it is a size from 1 byte to MAX_SIZE."""
+    from decimal import Decimal
+
     m = _SIZE.match(text)
     if not m:
         return None
     unit = m.group(2).upper()
     base = 1024 if "I" in unit else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1] if unit[:1] in "KMGT" else ""]
-    size = int(float(m.group(1)) * base**power)
-    return size if size > 0 else None
+    # Decimal: exact, and no float overflow or int digit limit for thousands of digits
+    size = Decimal(m.group(1)) * base**power
+    return int(size) if 1 <= size <= MAX_SIZE else None
 
 
 def _selector(key) -> Selector:
@@ -594,6 +684,15 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
                     f"stack(): tensor '{name}' has shape {list(spec.shape)} here but {list(other.shape)} in the first part",
                     part.span,
                 )
+
+
+def _require_primary_stack(model: ModelValue, span: Span) -> None:
+    if model.layers.primary is None:
+        if model.layers.ambiguous:
+            shown = ", ".join(f"'{s.prefix}' ({s.count})" for s in model.layers.stacks)
+            raise RecipeTypeError(f"the model has several layer stacks ({shown}); mgc cannot tell which one to slice", span)
+        raise RecipeTypeError("mgc finds no layer stack in this model's tensor names", span,
+                              "layers are tensors named like 'model.layers.N.*' or 'transformer.h.N.*'")
 
 
 def _describe(m: ModelValue) -> str:

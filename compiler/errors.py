@@ -66,6 +66,12 @@ class MgcError(Exception):
         return self.render()
 
 
+class MgcWarning(MgcError):
+    """Not an error: something the user should know about a recipe that runs (rendered like one)."""
+
+    kind = "warning"
+
+
 class RecipeSyntaxError(MgcError):
     """The recipe does not parse."""
 

@@ -51,9 +51,13 @@ class Apply:
     aux: tuple[tuple[str, int], ...] = ()
     # the model inputs are task_vector nodes (x − base): the runtime calls the operator's merge_deltas
     deltas: bool = False
+    # the tensor name that seeds a random operator's draws (None for the others): it changes the result,
+    # so it is part of the node's identity, unlike `tensor`, which only names the node in messages
+    seed_tensor: Optional[str] = None
 
     def key(self) -> tuple:
-        return ("apply", self.op, params_key(self.params), self.has_base, self.aux, self.deltas)
+        """Everything the runtime reads to compute this node, besides its inputs."""
+        return ("apply", self.op, params_key(self.params), self.has_base, self.aux, self.deltas, self.seed_tensor)
 
     def split(self, inputs: list) -> tuple[Optional[object], list, dict[str, list]]:
         """(base, models, {aux name: inputs}) from the flat input list."""

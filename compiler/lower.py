@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .check import Program
 from .ir import Apply, Graph, Load, Save
-from .layers import layer_index
+from .layers import leading_index
 from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, WithModel
 
 
@@ -18,13 +18,14 @@ def lower(program: Program) -> Graph:
         for name in sorted(save.model.tensors, key=tensor_order):
             spec = save.model.tensors[name]
             src = _lower(g, memo, save.model, name)
-            g.add(Save(save.path, name, spec.shape, save.dtype or spec.dtype), (src,))
+            dtype = save.dtype if spec.dtype.is_floating_point else spec.dtype
+            g.add(Save(save.path, name, spec.shape, dtype), (src,))
     return g
 
 
 def tensor_order(name: str) -> tuple:
     """Non-layer tensors first, then layer by layer; names in natural order within."""
-    i = layer_index(name)
+    i = leading_index(name)
     return (-1 if i is None else i, name)
 
 
@@ -44,7 +45,7 @@ def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:
         inputs = [_lower(g, memo, m, name) for m in sources]
         apply = Apply(
             model.op.name, model.resolved[name], model.base is not None, name, model.tensors[name].shape, model.span,
-            tuple((k, len(ms)) for k, ms in aux),
+            tuple((k, len(ms)) for k, ms in aux), seed_tensor=name if model.op.random else None,
         )
         n = g.add(apply, inputs)
     elif isinstance(model, WithModel):

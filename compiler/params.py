@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from mgc.stdlib.operator import Operator
 
 from .errors import RecipeNameError, RecipeTypeError, Span, did_you_mean
-from .layers import interpolate, layer_index, layer_position
+from .layers import LayerMap, Unplaced, interpolate
 from .values import Bool, ListV, Num, Str, TableV, Value, kind_of
 
 MISSING = object()
@@ -53,37 +53,53 @@ def check_value(value: Value, param: str, per_model: bool, n_models: int) -> Non
         raise RecipeTypeError(f"'{param}' cannot be {kind_of(value)}", value.span)
 
 
-def resolve(value: Value, tensor: str, t: float, per_model: bool, n_models: int) -> Any:
+def resolve(value: Value, tensor: str, layers: LayerMap, per_model: bool, n_models: int, param: str = "") -> Any:
     """The plain value a parameter takes for one tensor; MISSING if no table entry matches."""
     if isinstance(value, TableV):
-        entry = value.lookup(tensor)
-        return MISSING if entry is None else resolve(entry, tensor, t, per_model, n_models)
+        entry = value.lookup(tensor, layers)
+        return MISSING if entry is None else resolve(entry, tensor, layers, per_model, n_models, param)
     if per_model:
         items = value.items if isinstance(value, ListV) else (value,) * n_models
-        out = [resolve(item, tensor, t, False, n_models) for item in items]
+        out = [resolve(item, tensor, layers, False, n_models, param) for item in items]
         return MISSING if any(v is MISSING for v in out) else out
     if isinstance(value, ListV):
-        return interpolate([item.value for item in value.items], t)
+        return interpolate([item.value for item in value.items], _position(value, tensor, layers, param))
     return value.value
 
 
-def unmatched_selectors(value: Value, tensors) -> list:
+def _position(gradient: ListV, tensor: str, layers: LayerMap, param: str) -> float:
+    if len(gradient.items) == 1:
+        return 0.0
+    place = layers.place(tensor)
+    if isinstance(place, Unplaced):
+        prefix = tensor.split(".")
+        cut = next(k for k, part in enumerate(prefix) if part.isdigit())
+        raise RecipeTypeError(
+            f"the gradient of '{param}' cannot be applied to tensor '{tensor}': mgc cannot place it in a layer stack",
+            gradient.span,
+            f"give these tensors a value of their own in a table before the gradient, e.g. "
+            f"{param} = {{ \"{'.'.join(prefix[:cut])}\": 0.5, _: [...] }}",
+        )
+    return place.position()
+
+
+def unmatched_selectors(value: Value, tensors, layers: LayerMap) -> list:
     """Selectors in a table (at any depth) that match none of the tensors."""
     out = []
     if isinstance(value, TableV):
         for selector, entry in value.entries:
-            if selector.kind != "default" and not any(selector.matches(n) for n in tensors):
+            if selector.kind != "default" and not any(selector.matches(n, layers) for n in tensors):
                 out.append(selector)
-            out.extend(unmatched_selectors(entry, tensors))
+            out.extend(unmatched_selectors(entry, tensors, layers))
     elif isinstance(value, ListV):
         for item in value.items:
-            out.extend(unmatched_selectors(item, tensors))
+            out.extend(unmatched_selectors(item, tensors, layers))
     return out
 
 
 def resolve_all(
     op: Operator, params: dict[str, Value], spans: dict[str, Span], call_span: Span, n_models: int,
-    tensors, num_layers: int,
+    tensors, layers: LayerMap,
 ) -> dict[str, Any]:
     """Validate the parameters for every output tensor; return tensor name -> params instance.
 
@@ -93,10 +109,9 @@ def resolve_all(
     out: dict[str, Any] = {}
     per_model = set(op.per_model)
     for tensor in tensors:
-        t = layer_position(layer_index(tensor), num_layers)
         values = {}
         for name, value in params.items():
-            v = resolve(value, tensor, t, name in per_model, n_models)
+            v = resolve(value, tensor, layers, name in per_model, n_models, _surface(op, name))
             if v is MISSING:
                 if op.params.model_fields[name].is_required():
                     raise RecipeTypeError(

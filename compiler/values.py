@@ -5,6 +5,7 @@ headers) and how each tensor is made, but holds no tensor data.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 
 from mgc.stdlib.operator import Operator
 
-from .errors import Span
-from .layers import layer_index, rename_layer
+from .errors import RecipeTypeError, Span
+from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ListV:
 class Selector:
     """A table key. `_` matches everything; a name or string matches as a substring of the
     tensor name (mergekit's `filter`), or as a glob when it holds `*`, `?` or `[`;
-    `layers[a:b]` matches the tensors of layers a <= i < b."""
+    `layers[a:b]` matches the tensors of layers a <= i < b of the model's primary layer stack."""
 
     kind: str  # "default" | "pattern" | "layers"
     pattern: str = ""
@@ -60,11 +61,24 @@ class Selector:
     stop: Optional[int] = None
     span: Optional[Span] = field(default=None, compare=False)
 
-    def matches(self, tensor: str) -> bool:
+    def matches(self, tensor: str, layers: LayerMap) -> bool:
         if self.kind == "default":
             return True
         if self.kind == "layers":
-            i = layer_index(tensor)
+            place = layers.place(tensor)
+            if isinstance(place, Unplaced):
+                raise RecipeTypeError(
+                    f"{self} cannot tell whether tensor '{tensor}' is in those layers: mgc cannot place its number "
+                    "in a layer stack", self.span,
+                    f"give these tensors an entry of their own before this one, e.g. \"{_numbered_prefix(tensor)}\": ...",
+                )
+            if layers.ambiguous and place.stack is not None:
+                shown = ", ".join(f"'{s.prefix}' ({s.count})" for s in layers.stacks)
+                raise RecipeTypeError(
+                    f"{self} is ambiguous: the model has several layer stacks ({shown})", self.span,
+                    "select tensors by name instead, e.g. \"model.encoder.layers.*\"",
+                )
+            i = place.index if place.primary else None
             return i is not None and (self.start is None or i >= self.start) and (self.stop is None or i < self.stop)
         if any(c in self.pattern for c in "*?["):
             return fnmatch.fnmatchcase(tensor, self.pattern)
@@ -78,31 +92,53 @@ class Selector:
         return self.pattern
 
 
+def _numbered_prefix(tensor: str) -> str:
+    parts = tensor.split(".")
+    for k, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:k])
+    return tensor
+
+
 @dataclass(frozen=True)
 class TableV:
     entries: tuple[tuple[Selector, "Value"], ...]
     span: Span
 
-    def lookup(self, tensor: str) -> Optional["Value"]:
+    def lookup(self, tensor: str, layers: LayerMap) -> Optional["Value"]:
         for selector, value in self.entries:
-            if selector.matches(tensor):
+            if selector.matches(tensor, layers):
                 return value
         return None
 
 
 class ModelValue:
-    """A symbolic model: named tensor specs, a layer count, and the checkpoint whose config it keeps."""
+    """A symbolic model: named tensor specs, its layer stacks, a config, and how deep its making is nested.
+
+    `config()` follows the tensors: each kind of value derives its config from the values it is made of,
+    so a config can never describe other tensors than the ones written (an operator over a `stack` keeps
+    the stack's layer count)."""
 
     span: Span
     tensors: dict[str, TensorSpec]
-    num_layers: int
+    layers: LayerMap
+    depth: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers.num_layers
 
     @property
     def config_source(self) -> "CheckpointModel":
+        """The checkpoint whose config (and, by default, tokenizer) this value keeps."""
         raise NotImplementedError
 
     def config(self) -> dict:
-        return dict(self.config_source.checkpoint.config)
+        raise NotImplementedError
+
+    def leaves(self) -> list["CheckpointModel"]:
+        """The checkpoints whose tensors this value is made of (not Fisher weights)."""
+        raise NotImplementedError
 
 
 @dataclass(eq=False)
@@ -110,11 +146,18 @@ class CheckpointModel(ModelValue):
     checkpoint: Any  # mgc.runtime.checkpoint.Checkpoint
     span: Span
     tensors: dict[str, TensorSpec]
-    num_layers: int
+    layers: LayerMap
+    depth: int = 0
 
     @property
     def config_source(self) -> "CheckpointModel":
         return self
+
+    def config(self) -> dict:
+        return copy.deepcopy(self.checkpoint.config)
+
+    def leaves(self) -> list["CheckpointModel"]:
+        return [self]
 
 
 @dataclass(eq=False)
@@ -131,11 +174,18 @@ class FisherModel(ModelValue):
     cache_path: Path
     span: Span
     tensors: dict[str, TensorSpec]
-    num_layers: int
+    layers: LayerMap
+    depth: int = 1
 
     @property
     def config_source(self) -> "CheckpointModel":
         return self.model
+
+    def config(self) -> dict:
+        return self.model.config()
+
+    def leaves(self) -> list["CheckpointModel"]:
+        return []
 
 
 @dataclass(eq=False)
@@ -147,7 +197,8 @@ class OpModel(ModelValue):
     resolved: dict[str, Any]  # tensor name -> validated params (an instance of op.params)
     span: Span
     tensors: dict[str, TensorSpec]
-    num_layers: int
+    layers: LayerMap
+    depth: int
     aux: dict[str, tuple[ModelValue, ...]] = field(default_factory=dict)  # model-valued params, by name
 
     @property
@@ -158,6 +209,12 @@ class OpModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self.inputs[0].config_source
 
+    def config(self) -> dict:
+        return self.inputs[0].config()
+
+    def leaves(self) -> list["CheckpointModel"]:
+        return [leaf for m in self.inputs for leaf in m.leaves()]
+
 
 @dataclass(eq=False)
 class WithModel(ModelValue):
@@ -165,17 +222,24 @@ class WithModel(ModelValue):
     overrides: tuple[tuple[Selector, ModelValue], ...]
     span: Span
     tensors: dict[str, TensorSpec]
-    num_layers: int
+    layers: LayerMap
+    depth: int
 
     def source_of(self, tensor: str) -> ModelValue:
         for selector, model in self.overrides:
-            if selector.matches(tensor):
+            if selector.matches(tensor, self.layers):
                 return model
         return self.value
 
     @property
     def config_source(self) -> "CheckpointModel":
         return self.value.config_source
+
+    def config(self) -> dict:
+        return self.value.config()
+
+    def leaves(self) -> list["CheckpointModel"]:
+        return self.value.leaves() + [leaf for _, m in self.overrides for leaf in m.leaves()]
 
 
 @dataclass(frozen=True)
@@ -191,7 +255,8 @@ class StackModel(ModelValue):
     parts: tuple[LayerRange, ...]
     span: Span
     tensors: dict[str, TensorSpec]
-    num_layers: int
+    layers: LayerMap
+    depth: int
     # output tensor name -> (source model, source tensor name)
     sources: dict[str, tuple[ModelValue, str]]
 
@@ -199,33 +264,70 @@ class StackModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self.parts[0].model.config_source
 
+    def leaves(self) -> list["CheckpointModel"]:
+        return [leaf for p in self.parts for leaf in p.model.leaves()]
+
     def config(self) -> dict:
-        config = super().config()
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-            if key in config:
-                config[key] = self.num_layers
-        if not any(k in config for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")):
+        """The first part's config with the layer count, and every per-layer list, following the output's
+        layers: output layer j takes the entries of the layer it was copied from, in that layer's model."""
+        first = self.parts[0].model
+        config = first.config()
+        path = first.layers.primary.config_path if first.layers.primary is not None else None
+        old = first.num_layers
+        if path is None:
             config["num_hidden_layers"] = self.num_layers
-        for key in ("layer_types",):  # per-layer lists must follow the new layer count
-            if isinstance(config.get(key), list):
-                old = config[key]
-                config[key] = [old[min(i, len(old) - 1)] for i in range(self.num_layers)]
+            return config
+        where = _sub_config(config, path[:-1])
+        for key in dict(where):
+            if key in LAYER_COUNT_KEYS and where[key] == old:
+                where[key] = self.num_layers
+        if path[:-1]:  # a text sub-config: a top-level count that mirrors it follows too
+            for key in LAYER_COUNT_KEYS:
+                if config.get(key) == old:
+                    config[key] = self.num_layers
+        sources = [(part, i) for part in self.parts for i in range(part.start, part.stop)]
+        part_configs = {id(part): _sub_config(part.model.config(), path[:-1]) for part in self.parts}
+        for key in PER_LAYER_LISTS:
+            if isinstance(where.get(key), list):
+                new = []
+                for part, i in sources:
+                    entries = part_configs[id(part)].get(key)
+                    if not isinstance(entries, list) or len(entries) != part.model.num_layers:
+                        raise RecipeTypeError(
+                            f"stack(): the config of the model at {part.span} has no '{key}' entry for each of its "
+                            f"{part.model.num_layers} layers, which the first part's config has", part.span,
+                        )
+                    new.append(entries[i])
+                where[key] = new
+        for key in LAYER_INDEX_LISTS:
+            if isinstance(where.get(key), list):
+                where[key] = [
+                    j for j, (part, i) in enumerate(sources) if i in (part_configs[id(part)].get(key) or ())
+                ]
         return config
 
 
+def _sub_config(config: dict, path: tuple[str, ...]) -> dict:
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 def stack_sources(parts: tuple[LayerRange, ...]) -> dict[str, tuple[ModelValue, str]]:
-    """Renumber the parts' layers consecutively; non-layer tensors come from the first part."""
+    """Renumber the parts' layers (of their primary stacks) consecutively; every other tensor comes from the
+    first part."""
     sources: dict[str, tuple[ModelValue, str]] = {}
     first = parts[0].model
     for name in first.tensors:
-        if layer_index(name) is None:
+        if first.layers.layer(name) is None:
             sources[name] = (first, name)
     offset = 0
     for part in parts:
+        layers = part.model.layers
         for name in part.model.tensors:
-            i = layer_index(name)
+            i = layers.layer(name)
             if i is not None and part.start <= i < part.stop:
-                sources[rename_layer(name, offset + i - part.start)] = (part.model, name)
+                sources[layers.rename(name, offset + i - part.start)] = (part.model, name)
         offset += part.stop - part.start
     return sources
 

@@ -20,6 +20,7 @@ from mgc.compiler.check import Program, check
 from mgc.compiler.errors import (
     CheckpointError, MgcError, MgcErrors, RecipeNameError, RecipeSyntaxError, RecipeTypeError,
 )
+from mgc.compiler.layers import layer_map
 from mgc.compiler.values import CheckpointModel, OpModel, Selector, StackModel, TableV, WithModel, Num
 from mgc.grammar import parse, parse_file
 
@@ -140,7 +141,7 @@ def test_frankenmerge_outputs():
     assert isinstance(tall, StackModel) and tall.num_layers == 12
     assert len(tall.tensors) == 12 * 9 + 3
     assert tall.config()["num_hidden_layers"] == 12
-    assert saves["final"].dtype == torch.bfloat16 and saves["ties"].dtype is None
+    assert saves["final"].dtype == torch.bfloat16 and saves["ties"].dtype == torch.bfloat16  # the dtype the inputs share
     assert saves["soup"].shard_bytes == 300_000
     assert isinstance(saves["ties"].model, OpModel) and saves["ties"].model.base is not None
 
@@ -166,7 +167,7 @@ def test_save_options():
     s1, s2, s3 = program.saves
     assert s1.dtype == torch.float16 and s1.shard_bytes == 500_000_000
     assert s1.tokenizer.checkpoint.path == MODELS / "base"
-    assert s2.dtype is None and s2.shard_bytes == int(1.5 * 1024**3)
+    assert s2.dtype == torch.bfloat16 and s2.shard_bytes == int(1.5 * 1024**3)
     assert s2.tokenizer.checkpoint.path == MODELS / "math"  # by default, the saved model's own
     assert s3.shard_bytes == 1000
 
@@ -718,48 +719,51 @@ def test_with_overrides():
 EMBED = "model.embed_tokens.weight"
 
 
+LLAMA = layer_map({"num_hidden_layers": 12}, [f"model.layers.{i}.mlp.up_proj.weight" for i in range(12)])
+
+
 def test_default_selector_matches_everything():
     s = Selector("default")
-    assert all(s.matches(n) for n in (EMBED, layer_tensor(3), "anything"))
+    assert all(s.matches(n, LLAMA) for n in (EMBED, layer_tensor(3), "anything"))
     assert str(s) == "_"
 
 
 def test_pattern_selector_is_a_substring():
     s = Selector("pattern", "mlp")
-    assert s.matches(layer_tensor(0)) and s.matches(layer_tensor(7, "mlp.down_proj"))
-    assert not s.matches(layer_tensor(0, "self_attn.q_proj")) and not s.matches(EMBED)
-    assert not Selector("pattern", "MLP").matches(layer_tensor(0))  # case-sensitive
-    assert Selector("pattern", EMBED).matches(EMBED)
+    assert s.matches(layer_tensor(0), LLAMA) and s.matches(layer_tensor(7, "mlp.down_proj"), LLAMA)
+    assert not s.matches(layer_tensor(0, "self_attn.q_proj"), LLAMA) and not s.matches(EMBED, LLAMA)
+    assert not Selector("pattern", "MLP").matches(layer_tensor(0), LLAMA)  # case-sensitive
+    assert Selector("pattern", EMBED).matches(EMBED, LLAMA)
     assert str(s) == "mlp"
 
 
 def test_pattern_selector_with_glob_characters_matches_the_whole_name():
-    assert Selector("pattern", "*.mlp.*").matches(layer_tensor(0))
-    assert not Selector("pattern", "mlp.*").matches(layer_tensor(0))  # a glob is anchored
-    assert Selector("pattern", "model.layers.?.mlp.up_proj.weight").matches(layer_tensor(7))
-    assert not Selector("pattern", "model.layers.?.mlp.up_proj.weight").matches("model.layers.12.mlp.up_proj.weight")
+    assert Selector("pattern", "*.mlp.*").matches(layer_tensor(0), LLAMA)
+    assert not Selector("pattern", "mlp.*").matches(layer_tensor(0), LLAMA)  # a glob is anchored
+    assert Selector("pattern", "model.layers.?.mlp.up_proj.weight").matches(layer_tensor(7), LLAMA)
+    assert not Selector("pattern", "model.layers.?.mlp.up_proj.weight").matches("model.layers.12.mlp.up_proj.weight", LLAMA)
     brackets = Selector("pattern", "model.layers.[0-2].*")
-    assert [brackets.matches(layer_tensor(i)) for i in range(4)] == [True, True, True, False]
+    assert [brackets.matches(layer_tensor(i), LLAMA) for i in range(4)] == [True, True, True, False]
 
 
 def test_layers_selector():
     s = Selector("layers", start=2, stop=4)
-    assert [s.matches(layer_tensor(i)) for i in range(6)] == [False, False, True, True, False, False]
-    assert not s.matches(EMBED) and not s.matches("model.norm.weight")
+    assert [s.matches(layer_tensor(i), LLAMA) for i in range(6)] == [False, False, True, True, False, False]
+    assert not s.matches(EMBED, LLAMA) and not s.matches("model.norm.weight", LLAMA)
     assert str(s) == "layers[2:4]"
     head, tail = Selector("layers", stop=2), Selector("layers", start=6)
-    assert [head.matches(layer_tensor(i)) for i in range(8)] == [True, True] + [False] * 6
-    assert [tail.matches(layer_tensor(i)) for i in range(8)] == [False] * 6 + [True, True]
+    assert [head.matches(layer_tensor(i), LLAMA) for i in range(8)] == [True, True] + [False] * 6
+    assert [tail.matches(layer_tensor(i), LLAMA) for i in range(8)] == [False] * 6 + [True, True]
     assert (str(head), str(tail), str(Selector("layers"))) == ("layers[:2]", "layers[6:]", "layers[:]")
 
 
 def test_layers_selector_on_other_naming_families():
     s = Selector("layers", start=3, stop=4)
-    assert s.matches("transformer.h.3.attn.c_attn.weight")
-    assert s.matches("gpt_neox.layers.3.mlp.dense_h_to_4h.weight")
-    assert s.matches("model.decoder.layers.3.fc1.weight")
-    assert not s.matches("transformer.h.4.attn.c_attn.weight")
-    assert not s.matches("transformer.wte.weight")
+    for family in ("transformer.h.{}.attn.c_attn.weight", "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight",
+                   "model.decoder.layers.{}.fc1.weight", "transformer.blocks.{}.ffn.weight", "encoder.layer.{}.x.weight"):
+        layers = layer_map({}, [family.format(i) for i in range(6)] + ["transformer.wte.weight"])
+        assert [s.matches(family.format(i), layers) for i in range(6)] == [False, False, False, True, False, False]
+        assert not s.matches("transformer.wte.weight", layers)
 
 
 def test_selector_equality_ignores_the_span():
@@ -772,10 +776,10 @@ def test_table_lookup_is_first_match():
     one, two, three = (Num(v, None) for v in (1, 2, 3))
     table = TableV(((Selector("pattern", "up_proj"), one), (Selector("pattern", "mlp"), two),
                     (Selector("default"), three)), None)
-    assert table.lookup(layer_tensor(0)) is one
-    assert table.lookup(layer_tensor(0, "mlp.down_proj")) is two
-    assert table.lookup(EMBED) is three
-    assert TableV(((Selector("pattern", "mlp"), one),), None).lookup(EMBED) is None
+    assert table.lookup(layer_tensor(0), LLAMA) is one
+    assert table.lookup(layer_tensor(0, "mlp.down_proj"), LLAMA) is two
+    assert table.lookup(EMBED, LLAMA) is three
+    assert TableV(((Selector("pattern", "mlp"), one),), None).lookup(EMBED, LLAMA) is None
 
 
 # --- the CLI ---------------------------------------------------------------------------------

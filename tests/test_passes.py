@@ -15,7 +15,7 @@ import mgc.stdlib.slerp as slerp
 import mgc.stdlib.task_arithmetic as task_arithmetic
 from mgc.api import compile_recipe
 from mgc.compiler.ir import Apply, Graph, Load, Save
-from mgc.compiler.layers import layer_index
+from mgc.compiler.layers import leading_index
 from mgc.compiler.passes import (
     PASSES, eliminate_common_subexpressions, eliminate_dead_nodes, fold_trivial_ops, schedule_blocks,
 )
@@ -284,7 +284,7 @@ NAMES = [
 
 
 def _block(name):
-    i = layer_index(name)
+    i = leading_index(name)
     return -1 if i is None else i
 
 

@@ -8,7 +8,7 @@ is stored as ``graph.graph["order"]``; ``graph.graph["blocks"]`` maps node -> bl
 from __future__ import annotations
 
 from ..ir import Graph, Save
-from ..layers import layer_index
+from ..layers import leading_index
 
 
 def schedule_blocks(graph: Graph) -> Graph:
@@ -38,7 +38,7 @@ def schedule_blocks(graph: Graph) -> Graph:
 
 
 def _block(tensor: str) -> int:
-    i = layer_index(tensor)
+    i = leading_index(tensor)
     return -1 if i is None else i
 
 
