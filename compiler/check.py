@@ -209,6 +209,32 @@ class Checker:
         if d.name in stack:
             cycle = " -> ".join(stack[stack.index(d.name):] + (d.name,))
             raise RecipeNameError(f"cycle through def: {cycle}", e.func_span, "a def cannot call itself, directly or through others")
+        # The parser bounds the nesting of each expression, but a def's body is evaluated inside its caller's,
+        # so nesting adds up along a chain of def calls (the checker and lowering recurse once per level).
+        from mgc.grammar.parse import MAX_NESTING
+
+        levels = 0
+        for node in [self.defs[n] for n in stack if n in self.defs] + [d]:
+            deepest, todo = 0, [(node.body, 0)]
+            while todo:  # the body's nesting depth as the parser counts it, measured iteratively
+                x, level = todo.pop()
+                if isinstance(x, (ast.Call, ast.List, ast.Table, ast.With, ast.LayerSlice)):
+                    level += 1
+                    deepest = max(deepest, level)
+                kids = (list(x.args) + [k.value for k in x.kwargs] if isinstance(x, ast.Call) else
+                        x.items if isinstance(x, ast.List) else
+                        [en.value for en in x.entries] if isinstance(x, ast.Table) else
+                        [x.value] + [en.value for en in x.table.entries] if isinstance(x, ast.With) else
+                        [x.value] if isinstance(x, ast.LayerSlice) else ())
+                todo.extend((k, level) for k in kids)
+            levels += deepest
+        if levels > MAX_NESTING:
+            chain = stack + (d.name,)
+            shown = " -> ".join(chain if len(chain) <= 6 else chain[:3] + ("...",) + chain[-2:])
+            raise RecipeNameError(
+                f"def calls nested too deeply: {shown} ({len(chain)} calls)", e.func_span,
+                f"the bodies of defs called within defs may nest {MAX_NESTING} levels in all",
+            )
         if e.kwargs:
             by_name = {k.name: k for k in e.kwargs}
             unknown = [k for k in by_name if k not in d.params]

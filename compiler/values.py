@@ -134,11 +134,34 @@ class ModelValue:
         raise NotImplementedError
 
     def config(self) -> dict:
+        """config.json of this value (a fresh copy; derived once, so a value shared at every level of a deep
+        recipe costs one derivation, not one per path to it)."""
+        memo = self.__dict__.get("_config")
+        if memo is None:
+            memo = self.__dict__["_config"] = self._derive_config()
+        return copy.deepcopy(memo)
+
+    def _derive_config(self) -> dict:
         raise NotImplementedError
 
     def leaves(self) -> list["CheckpointModel"]:
-        """The checkpoints whose tensors this value is made of (not Fisher weights)."""
-        raise NotImplementedError
+        """The checkpoints whose tensors this value is made of (not Fisher weights), each once."""
+        seen: dict[int, ModelValue] = {}
+        found: dict[int, CheckpointModel] = {}
+        todo: list[ModelValue] = [self]
+        while todo:
+            m = todo.pop()
+            if id(m) in seen:
+                continue
+            seen[id(m)] = m
+            if isinstance(m, CheckpointModel):
+                found[id(m)] = m
+            todo.extend(m.children())
+        return list(found.values())
+
+    def children(self) -> list["ModelValue"]:
+        """The values whose tensors this one is made of."""
+        return []
 
 
 @dataclass(eq=False)
@@ -153,11 +176,8 @@ class CheckpointModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self
 
-    def config(self) -> dict:
-        return copy.deepcopy(self.checkpoint.config)
-
-    def leaves(self) -> list["CheckpointModel"]:
-        return [self]
+    def _derive_config(self) -> dict:
+        return self.checkpoint.config
 
 
 @dataclass(eq=False)
@@ -181,11 +201,8 @@ class FisherModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self.model
 
-    def config(self) -> dict:
+    def _derive_config(self) -> dict:
         return self.model.config()
-
-    def leaves(self) -> list["CheckpointModel"]:
-        return []
 
 
 @dataclass(eq=False)
@@ -209,11 +226,11 @@ class OpModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self.inputs[0].config_source
 
-    def config(self) -> dict:
+    def _derive_config(self) -> dict:
         return self.inputs[0].config()
 
-    def leaves(self) -> list["CheckpointModel"]:
-        return [leaf for m in self.inputs for leaf in m.leaves()]
+    def children(self) -> list[ModelValue]:
+        return list(self.inputs)
 
 
 @dataclass(eq=False)
@@ -235,11 +252,11 @@ class WithModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self.value.config_source
 
-    def config(self) -> dict:
+    def _derive_config(self) -> dict:
         return self.value.config()
 
-    def leaves(self) -> list["CheckpointModel"]:
-        return self.value.leaves() + [leaf for _, m in self.overrides for leaf in m.leaves()]
+    def children(self) -> list[ModelValue]:
+        return [self.value] + [m for _, m in self.overrides]
 
 
 @dataclass(frozen=True)
@@ -264,10 +281,10 @@ class StackModel(ModelValue):
     def config_source(self) -> "CheckpointModel":
         return self.parts[0].model.config_source
 
-    def leaves(self) -> list["CheckpointModel"]:
-        return [leaf for p in self.parts for leaf in p.model.leaves()]
+    def children(self) -> list[ModelValue]:
+        return [p.model for p in self.parts]
 
-    def config(self) -> dict:
+    def _derive_config(self) -> dict:
         """The first part's config with the layer count, and every per-layer list, following the output's
         layers: output layer j takes the entries of the layer it was copied from, in that layer's model."""
         first = self.parts[0].model

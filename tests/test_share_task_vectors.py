@@ -15,7 +15,7 @@ import mgc.stdlib.linear as linear
 import mgc.stdlib.ties as ties
 from mgc.api import compile_recipe, run
 from mgc.compiler.ir import Apply, Graph, Load, Save
-from mgc.compiler.passes import PASSES, fuse_linear, pipeline, share_task_vectors
+from mgc.compiler.passes import PASSES, eliminate_dead_nodes, pipeline, share_task_vectors
 from mgc.stdlib import OPERATORS
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -287,7 +287,7 @@ save c to "{{out}}/c" {{ dtype = fp32 }}
 
 def test_the_pass_is_opt_in():
     assert share_task_vectors not in PASSES
-    assert WITH.index(share_task_vectors) == WITH.index(fuse_linear) + 1
+    assert WITH.index(share_task_vectors) == WITH.index(eliminate_dead_nodes) - 1
     body = """
 a = ties(code, math, base = base, density = 0.5)
 c = task_arithmetic(code, math, base = base)

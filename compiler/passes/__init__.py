@@ -12,7 +12,6 @@ from ..ir import Graph
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_nodes import eliminate_dead_nodes
 from .fold_trivial_ops import fold_trivial_ops
-from .fuse_linear import fuse_linear
 from .schedule_blocks import schedule_blocks
 from .share_task_vectors import share_task_vectors
 
@@ -20,7 +19,6 @@ PASSES: tuple[Callable[[Graph], Graph], ...] = (
     eliminate_common_subexpressions,
     fold_trivial_ops,
     eliminate_common_subexpressions,
-    fuse_linear,
     eliminate_dead_nodes,
     schedule_blocks,
 )
@@ -34,7 +32,7 @@ def pipeline(*, share_task_vectors: bool = False) -> tuple[Callable[[Graph], Gra
     operators fuse x − base into their slice loops for almost nothing (docs/performance.md measures it)."""
     if not share_task_vectors:
         return PASSES
-    at = PASSES.index(fuse_linear) + 1
+    at = PASSES.index(eliminate_dead_nodes)
     return PASSES[:at] + (_SHARE_TASK_VECTORS,) + PASSES[at:]
 
 
@@ -57,4 +55,4 @@ def optimize(graph: Graph, passes=PASSES) -> list[PassReport]:
 
 
 __all__ = ["PASSES", "pipeline", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
-           "fold_trivial_ops", "fuse_linear", "schedule_blocks", "share_task_vectors"]
+           "fold_trivial_ops", "schedule_blocks", "share_task_vectors"]

@@ -3,9 +3,13 @@
 A table of named rules, each `rule(payload, inputs) -> index of the input that is the
 result, or None`; applied to every apply node in topological order, so folds cascade.
 
-    slerp(a, b, t = 0)  -> a          linear(a)      -> a
-    slerp(a, b, t = 1)  -> b          karcher(a)     -> a
-    op(a, a, ...)       -> a  for ops that average (slerp, linear, karcher)
+    slerp(a, b, t = 0)  -> a          linear(a)  -> a   (weight 1, or normalized by its own weight 1)
+    slerp(a, b, t = 1)  -> b          karcher(a) -> a   (without Fisher weights)
+    passthrough(a, scale = 1) -> a
+
+Only identities that the operator computes exactly are rules: the folded graph writes the bytes the
+unfolded one would. `linear(a, a)` is mathematically a, but (0.3·a + 0.7·a) is not a in float32,
+and `linear(a, weights = [3])` computes (3·a)/3: neither is folded.
 """
 from __future__ import annotations
 
@@ -18,9 +22,6 @@ from ..ir import Apply, Graph
 
 Rule = Callable[[Apply, tuple], Optional[int]]
 
-_AVERAGING = {"slerp", "karcher", "linear", "multislerp", "nuslerp", "fisher_merge"}
-
-
 def _slerp_t0(p: Apply, inputs: tuple) -> Optional[int]:
     return 0 if p.op == "slerp" and p.params.t == 0 else None
 
@@ -32,21 +33,11 @@ def _slerp_t1(p: Apply, inputs: tuple) -> Optional[int]:
 def _single_source(p: Apply, inputs: tuple) -> Optional[int]:
     if len(inputs) != 1:
         return None
-    if p.op == "karcher":
+    if p.op == "karcher" and not p.aux:  # karcher of one model copies it (after checking its Fisher weights)
         return 0
-    if p.op == "linear" and (p.params.normalize or (p.params.weights or [1.0])[0] == 1.0):
+    if p.op == "linear" and (p.params.weights or [1.0])[0] == 1.0:  # 1·x, or 1·x / 1
         return 0
     return None
-
-
-def _identical_inputs(p: Apply, inputs: tuple) -> Optional[int]:
-    """An average of one model with itself is that model, whatever the (Fisher) weights."""
-    base, models, _ = p.split(list(inputs))
-    if p.op not in _AVERAGING or base is not None or len(models) < 2 or len(set(models)) != 1:
-        return None
-    if p.op == "linear" and not p.params.normalize:
-        return None
-    return 0
 
 
 def _identity_passthrough(p: Apply, inputs: tuple) -> Optional[int]:
@@ -57,7 +48,6 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("slerp_t0", _slerp_t0),
     ("slerp_t1", _slerp_t1),
     ("single_source", _single_source),
-    ("identical_inputs", _identical_inputs),
     ("identity_passthrough", _identity_passthrough),
 )
 
