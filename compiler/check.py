@@ -271,9 +271,12 @@ class Checker:
         from mgc.runtime.checkpoint import resolve_checkpoint_path
 
         # only an explicit hf://org/name is fetched (runtime/hub.py); anything else is a local path
-        path = resolve_checkpoint_path(arg.value, self.base_dir, arg.span)
-        if not os.path.lexists(path):
-            raise hub.not_found(arg.value, self.base_dir, arg.span)
+        if hub.looks_like_hub_id(arg.value):
+            path = resolve_checkpoint_path(str(hub.fetch(arg.value, arg.span)), self.base_dir, arg.span)
+        else:
+            path = resolve_checkpoint_path(arg.value, self.base_dir, arg.span)
+            if not os.path.lexists(path):
+                raise hub.not_found(arg.value, self.base_dir, arg.span)
         ckpt = self.checkpoints.get(path)
         if ckpt is None:
             from mgc.runtime.checkpoint import Checkpoint

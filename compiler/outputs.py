@@ -28,7 +28,7 @@ def check_output_paths(saves, inputs: Inputs, recipe: Optional[Path], cwd: Path)
     placed: list[tuple[Path, object]] = []
     for save in saves:
         out = _real(save.path)
-        error = _against_inputs(out, save, read) or _against_cwd(out, save, here) or _against_saves(out, save, placed)
+        error = _against_cwd(out, save, here) or _against_inputs(out, save, read) or _against_saves(out, save, placed)
         if error is not None:
             errors.append(error)
         placed.append((out, save))

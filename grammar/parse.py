@@ -2,18 +2,25 @@
 from __future__ import annotations
 
 import ast as pyast
+import math
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from mgc.compiler import ast
-from mgc.compiler.errors import RecipeSyntaxError, Source, Span
+from mgc.compiler.errors import MgcError, RecipeSyntaxError, Source, Span
 
 GRAMMAR = Path(__file__).with_name("merge.lark")
 KEYWORDS = {"def", "save", "to", "with"}
+# The checker, lowering and the per-tensor parameter lookups recurse once per level of nesting, so it is
+# bounded here (and, summed along chains of def calls, in the checker) far below Python's recursion limit.
+MAX_NESTING = 64
+NESTING = {"call", "list", "table", "with_", "layer_slice"}
+INT_RANGE = (-(2**63), 2**63 - 1)
 
 
 @lru_cache(maxsize=1)
@@ -24,10 +31,26 @@ def _parser() -> Lark:
 def parse_file(path: str | Path) -> ast.Recipe:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RecipeSyntaxError(f"cannot read recipe {path}: {e.strerror or e}") from None
+        data = path.read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise RecipeSyntaxError(f"cannot read recipe {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _decode_error(data, e, str(path)) from None
     return parse(text, str(path))
+
+
+def _decode_error(data: bytes, e: UnicodeDecodeError, name: str) -> RecipeSyntaxError:
+    """Where the first byte that is not UTF-8 is, as a line and column of the text before it."""
+    before = data[:e.start].decode("utf-8")  # all valid: e.start is the first bad byte
+    line = before.count("\n") + 1
+    col = len(before) - (before.rfind("\n") + 1) + 1
+    source = Source(name, data.decode("utf-8", errors="replace"))  # the bad byte shows as U+FFFD at col
+    return RecipeSyntaxError(
+        f"the recipe is not UTF-8 text: byte 0x{data[e.start]:02x} cannot be decoded", Span(source, line, col, line, col + 1),
+        "save the recipe as UTF-8",
+    )
 
 
 def parse(text: str, name: str = "<recipe>") -> ast.Recipe:
@@ -36,17 +59,48 @@ def parse(text: str, name: str = "<recipe>") -> ast.Recipe:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, source) from None
-    keywords = sorted(tree.scan_values(lambda v: isinstance(v, Token) and v.type == "NAME" and str(v) in KEYWORDS),
-                      key=lambda t: (t.line, t.column))
-    if keywords:
-        raise RecipeSyntaxError(f"'{keywords[0]}' is a keyword and cannot be a name", _span(source, keywords[0]))
+    _check_tree(tree, source)
     try:
         statements = _ToAst(source).transform(tree)
     except VisitError as e:
-        if isinstance(e.orig_exc, RecipeSyntaxError):
+        if isinstance(e.orig_exc, MgcError):
             raise e.orig_exc from None
         raise
     return ast.Recipe(tuple(statements), source)
+
+
+def _check_tree(tree: Tree, source: Source) -> None:
+    """Names that are keywords, and nesting deeper than MAX_NESTING (walked iteratively, never past it)."""
+    keywords: list[Token] = []
+    too_deep: list[Tree] = []
+    todo = [(tree, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, Token):
+            if node.type == "NAME" and str(node) in KEYWORDS:
+                keywords.append(node)
+        elif isinstance(node, Tree):
+            if node.data in NESTING:
+                depth += 1
+                if depth > MAX_NESTING:
+                    too_deep.append(node)
+                    continue
+            children = node.children
+            if node.data == "with_":  # the table of `m with {...}` is part of the `with`, not a level of its own
+                children = [children[0], *children[1].children]
+            todo.extend((c, depth) for c in children)
+    if keywords:
+        first = min(keywords, key=lambda t: (t.line, t.column))
+        raise RecipeSyntaxError(f"'{first}' is a keyword and cannot be a name", _span(source, first))
+    if too_deep:
+        node = min(too_deep, key=lambda t: (t.meta.line, t.meta.column))
+        if node.data == "with_":  # point at the `{` after the `with`, not at the start of the chain
+            node = node.children[1]
+        line, col = node.meta.line, node.meta.column
+        raise RecipeSyntaxError(
+            f"nested too deeply: more than {MAX_NESTING} levels of calls, lists, tables and `with`",
+            Span(source, line, col, line, col + 1), "name the inner parts: `x = ...`, then use x",
+        )
 
 
 def _span(source: Source, node) -> Span:
@@ -56,7 +110,7 @@ def _span(source: Source, node) -> Span:
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
     def __init__(self, source: Source):
         super().__init__()
         self.source = source
@@ -95,8 +149,13 @@ class _ToAst(Transformer):
 
     # expressions
     def number(self, meta, c):
-        text = str(c[0])
-        value = int(text) if text.lstrip("+-").isdigit() else float(text)
+        tok = c[0]
+        if str(tok).lstrip("+-").isdigit():
+            value = _int(tok, self.source)
+        else:
+            value = float(tok)
+            if not math.isfinite(value):
+                raise _out_of_range(tok, self.source)
         return ast.Number(value, self._s(meta))
 
     def string(self, meta, c):
@@ -131,7 +190,7 @@ class _ToAst(Transformer):
 
     def slice(self, meta, c):
         start, stop = c
-        return (None if start is None else int(start), None if stop is None else int(stop))
+        return (None if start is None else _int(start, self.source), None if stop is None else _int(stop, self.source))
 
     def call(self, meta, c):
         func, *args = c
@@ -171,14 +230,38 @@ class _ToAst(Transformer):
 
 
 
+def _int(tok: Token, source: Source) -> int:
+    digits = str(tok).lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 19:  # before int(): thousands of digits are slow and past Python's conversion limit
+        raise _out_of_range(tok, source)
+    value = -int(digits) if str(tok).startswith("-") else int(digits)
+    if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise _out_of_range(tok, source)
+    return value
+
+
+def _out_of_range(tok: Token, source: Source) -> RecipeSyntaxError:
+    return RecipeSyntaxError(
+        "number out of range", _span(source, tok),
+        "numbers must be finite, and whole numbers lie between -2**63 and 2**63 - 1",
+    )
+
+
 def _unquote(tok: Token, source: Source) -> str:
+    if "\0" in tok:
+        raise RecipeSyntaxError("a string cannot hold a NUL character", _span(source, tok))
     try:
-        return pyast.literal_eval(str(tok))
+        with warnings.catch_warnings():  # an unknown escape such as "\d" stays as written, without a warning
+            warnings.simplefilter("ignore")
+            value = pyast.literal_eval(str(tok))
     except (SyntaxError, ValueError) as e:
         raise RecipeSyntaxError(
             f"bad escape in string: {e.args[0] if e.args else e}", _span(source, tok),
             "escapes are as in Python strings; write a backslash as \\\\",
         ) from None
+    if "\0" in value:  # no path, tensor name or option holds one, and the OS refuses it in paths
+        raise RecipeSyntaxError("a string cannot hold a NUL character", _span(source, tok))
+    return value
 
 
 _READABLE = {

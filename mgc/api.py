@@ -7,6 +7,7 @@ from typing import Optional
 from mgc.compiler.check import Program, check
 from mgc.compiler.errors import OutputError
 from mgc.compiler.lower import lower
+from mgc.compiler.outputs import check_output_paths, program_inputs
 from mgc.compiler.passes import optimize, pipeline
 from mgc.compiler.plan import Plan
 from mgc.gcpause import gc_paused
@@ -25,6 +26,7 @@ def compile_recipe(
         program = check(tree, allow_pickle=allow_pickle)
         if output is not None:
             _redirect(program, Path(output))
+        check_output_paths(program.saves, program_inputs(program), None if text is not None else Path(recipe), Path.cwd())
         graph = lower(program)
         passes = pipeline(share_task_vectors=share_task_vectors) if optimize_graph else _schedule_only()
         reports = optimize(graph, passes=passes)

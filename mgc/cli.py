@@ -1,7 +1,9 @@
 """The `mgc` command line."""
 from __future__ import annotations
 
+import errno
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,12 +15,51 @@ from mgc.compiler.errors import MgcError
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
+EX_SOFTWARE = 70  # sysexits.h: an internal software error, here a bug in mgc
+
+
 def _fail(e: MgcError) -> None:
     click.echo(e.render(), err=True)
     sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _internal_error(e: Exception) -> None:
+    """Any exception but an MgcError is a bug: a short message and EX_SOFTWARE, the traceback with MGC_DEBUG=1."""
+    if os.environ.get("MGC_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    try:
+        text = str(e).strip().split("\n")[0]
+    except Exception:  # a broken __str__ must not hide the report
+        text = ""
+    if len(text) > 300:
+        text = text[:300] + "..."
+    click.echo(f"mgc: internal error (a bug in mgc, please report it): {type(e).__name__}{': ' + text if text else ''}", err=True)
+    if os.environ.get("MGC_DEBUG") != "1":
+        click.echo("mgc: set MGC_DEBUG=1 to print the traceback", err=True)
+    sys.exit(EX_SOFTWARE)
+
+
+class _Main(click.Group):
+    """The `mgc` group: an MgcError that escapes a command exits 1, any other exception is an internal error."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click reports these itself: usage errors (2), --help, ...
+        except MgcError as e:
+            _fail(e)
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # `mgc graph r.merge | head`: click exits quietly
+                raise
+            _internal_error(e)
+        except Exception as e:  # not BaseException: KeyboardInterrupt and SystemExit pass through
+            _internal_error(e)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mgc")
 def main() -> None:
     """mgc, the merge-graph compiler: merge fine-tuned LLMs from a .merge recipe."""
@@ -41,6 +82,7 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, share_
     from mgc.compiler.plan import format_bytes
 
     from mgc.compiler.check import parse_size
+    from mgc.runtime.signals import exit_on_signals
 
     gc.freeze()  # torch's and mgc's objects live as long as the process: no collection need walk them again
     cap = None
@@ -48,17 +90,19 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, share_
         cap = parse_size(max_memory)
         if cap is None:
             raise click.BadParameter(f"not a size: {max_memory!r} (e.g. 8GB, 512MiB)", param_hint="--max-memory")
-    try:
-        plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors)
-        if dry_run:
-            click.echo(plan.summary())
-            return
-        from mgc.api import prepare
+    # SIGTERM and SIGHUP clean up as Ctrl-C does; either exits with 128 + the signal's number (143, 130)
+    with exit_on_signals():
+        try:
+            plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors)
+            if dry_run:
+                click.echo(plan.summary())
+                return
+            from mgc.api import prepare
 
-        prepare(plan, device=device, progress=not quiet, force=force)
-        stats = execute(plan, device=device, force=force, progress=not quiet, max_memory=cap)
-    except MgcError as e:
-        _fail(e)
+            prepare(plan, device=device, progress=not quiet, force=force)
+            stats = execute(plan, device=device, force=force, progress=not quiet, max_memory=cap)
+        except MgcError as e:
+            _fail(e)
     if not quiet:
         for s in plan.program.saves:
             click.echo(f"wrote {s.path}")

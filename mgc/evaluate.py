@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -187,24 +188,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *, al
     """
     transformers = require("transformers")
     folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json in the checkpoint folder")
-    has_safetensors = any(folder.glob("*.safetensors"))
-    if not has_safetensors and not allow_pickle and any(folder.glob("*.bin")):
-        raise CheckpointError(
-            f"{folder}: only pickle (*.bin) weights, which are refused because loading them can run code",
-            hint="pass --allow-pickle (allow_pickle=True) for a checkpoint you trust",
-        )
     dev = resolve_device(device)
-    kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
-    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
-    kwargs["dtype" if version >= (4, 56) else "torch_dtype"] = torch.float32
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
-        raise CheckpointError(f"{folder}: cannot load the model: {_first_line(e)}") from None
+    model = load_model(folder, allow_pickle=allow_pickle)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
@@ -214,6 +199,39 @@ def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *, al
         ) from None
     model = model.to(device=dev, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+def load_model(folder: Union[str, Path], *, allow_pickle: bool = False):
+    """AutoModelForCausalLM from a checkpoint folder, in float32 on the CPU, from the weights mgc reads.
+
+    mgc reads a folder's safetensors files whenever it has any, and its pickle files only when it has none
+    and pickles are allowed; transformers is told the same (`use_safetensors`). Left to itself, transformers
+    falls back to a pytorch_model.bin beside safetensors files it does not look for (any name but
+    model.safetensors and its index): it would unpickle that file, unasked, and run other weights than the
+    ones mgc merges. Any failure is a `CheckpointError` naming the folder.
+    """
+    from mgc.runtime.checkpoint import show_path, stat_path
+
+    transformers = require("transformers")
+    folder = Path(folder)
+    st = stat_path(folder, None)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{show_path(folder)}: no such checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json in the checkpoint folder")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors and not allow_pickle and any(folder.glob("*.bin")):
+        raise CheckpointError(
+            f"{folder}: only pickle (*.bin) weights, which are refused because loading them can run code",
+            hint="pass --allow-pickle (allow_pickle=True) for a checkpoint you trust",
+        )
+    kwargs: dict[str, Any] = {"use_safetensors": has_safetensors or not allow_pickle}
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    kwargs["dtype" if version >= (4, 56) else "torch_dtype"] = torch.float32
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
+        raise CheckpointError(f"{folder}: cannot load the model: {_first_line(e)}") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -132,6 +132,8 @@ def _fingerprint_weights(h, file: Path) -> None:
     """Name, size and mtime of a weight file, plus (safetensors) its header bytes and a few bytes from the start,
     middle and end of every tensor. The header alone is not enough: two fine-tunes of one architecture have
     byte-identical headers; the sampled bytes tell them apart even when mtimes collide (copies, checkouts)."""
+    from mgc.runtime.checkpoint import read_header
+
     st = file.stat()
     _part(h, "file", f"{file.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     with open(file, "rb") as f:
@@ -141,15 +143,13 @@ def _fingerprint_weights(h, file: Path) -> None:
             header = f.read(min(n, st.st_size - 8))
             _part(h, "header", header)
             try:
-                entries = json.loads(header)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                entries = {}
+                infos = read_header(file)
+            except CheckpointError:  # a file mgc would refuse to read: its header bytes are enough
+                infos = {}
             base = 8 + n
-            for name, entry in sorted(entries.items()) if isinstance(entries, dict) else ():
-                try:
-                    begin, end = (int(o) for o in entry["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    continue
+            for name, info in sorted(infos.items()):
+                begin = info.offset - base
+                end = begin + info.nbytes
                 mid = (begin + end) // 2
                 for start in (begin, mid - _SAMPLE_BYTES // 2, end - _SAMPLE_BYTES):
                     start = max(begin, start)
@@ -220,6 +220,7 @@ def estimate_fisher(
 
 
 def _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, progress):
+    from mgc.evaluate import load_model
     from mgc.runtime.checkpoint import Checkpoint
     from mgc.runtime.devices import pick_device
 
@@ -238,14 +239,10 @@ def _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, p
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:
         raise FisherError(f"{model_dir}: cannot load the checkpoint's tokenizer: {e}") from None
-    major = int(transformers.__version__.split(".")[0])
-    kwargs = {"dtype" if major >= 5 else "torch_dtype": torch.float32}
     if not progress:
         transformers.utils.logging.disable_progress_bar()
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except Exception as e:
-        raise FisherError(f"{model_dir}: transformers cannot load the checkpoint as a causal LM: {e}") from None
+    # The weights mgc validated and merges: safetensors, or pickles only if that is what mgc opened.
+    model = load_model(model_dir, allow_pickle=ckpt.pickled)
     model.to(device=dev, dtype=torch.float32)
     model.eval()
 

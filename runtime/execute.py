@@ -24,7 +24,7 @@ from mgc.stdlib.slices import SLICE, slice_size, spans
 
 from .allocator import keep_freed_memory
 from .devices import pick_device
-from .output import StagedOutput, check_target
+from .output import StagedOutput, check_target, clean_stale
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
 
@@ -58,6 +58,7 @@ def execute(
     dev = pick_device(device)
     graph: Graph = plan.graph
     for save in plan.program.saves:
+        clean_stale(save.path)  # first: it may put back an output that an interrupted --force had moved aside
         check_target(save.path, force, save.span)
     prefetch = DEFAULT_PREFETCH
     if max_memory is not None:
@@ -84,10 +85,11 @@ def execute(
     writer_thread = WriterThread(max_bytes=queue_bytes)
     try:
         for save in plan.program.saves:
-            out = staged[save.path] = StagedOutput(save.path)
+            out = staged[save.path] = StagedOutput(save.path, save.span)
+            out.open()
             tensors = [(p.tensor, p.shape, p.dtype) for p in (graph.payload(n) for n in order)
                        if isinstance(p, Save) and p.output == save.path]
-            writers[save.path] = ShardedWriter(out.folder, tensors, save.shard_bytes)
+            writers[save.path] = out.writer(tensors, save.shard_bytes)
         for n in order:
             p = graph.payload(n)
             inputs = graph.inputs(n)
@@ -117,13 +119,14 @@ def execute(
         for save in plan.program.saves:
             writers.pop(save.path).close()
             out = staged[save.path]
-            out.write_config(save.model.config(), save.dtype)
+            out.write_config(save.config, save.dtype)
             extra = [save.model.config_source.checkpoint.path / f for f in ("generation_config.json",)]
             out.copy_files([f for f in extra if f.is_file()])
             if save.tokenizer is not None:
                 out.copy_files(save.tokenizer.checkpoint.tokenizer_files())
         for save in plan.program.saves:
-            staged.pop(save.path).commit()
+            staged[save.path].commit()
+            del staged[save.path]  # after: an interruption in between leaves it to abort(), harmless after commit
     except BaseException:
         reader.close()
         try:
@@ -237,7 +240,7 @@ def _call(op, p: Apply, tensors: list[torch.Tensor], **kw) -> torch.Tensor:
     for name in op.model_params:
         extra.setdefault(name, None)
     if op.random:
-        extra["generator"] = tensor_generator(p.params.seed, p.tensor)
+        extra["generator"] = tensor_generator(p.params.seed, p.seed_tensor)
     try:
         return (op.merge_deltas if p.deltas else op.merge)(models, p.params, base, **extra, **kw)
     except MgcError:
