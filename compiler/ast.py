@@ -6,6 +6,11 @@ from typing import Optional, Union
 
 from .errors import Source, Span
 
+# Levels of calls, lists, tables, `with` and `.layers[...]` one expression may nest (the parser refuses
+# deeper ones; the checker adds up the levels of def bodies called within each other). The checker and
+# lowering recurse once per level, so this keeps them far from Python's recursion limit.
+MAX_NESTING = 64
+
 
 @dataclass(frozen=True)
 class Number:
@@ -142,6 +147,23 @@ class Save:
 
 
 Statement = Union[Assign, Def, Save]
+
+
+def nesting(expr: Expr) -> int:
+    """The levels of calls, lists, tables, `with` and `.layers[...]` in an expression (walked iteratively)."""
+    deepest, todo = 0, [(expr, 0)]
+    while todo:
+        x, level = todo.pop()
+        if isinstance(x, (Call, List, Table, With, LayerSlice)):
+            level += 1
+            deepest = max(deepest, level)
+        kids = (list(x.args) + [k.value for k in x.kwargs] if isinstance(x, Call) else
+                x.items if isinstance(x, List) else
+                [e.value for e in x.entries] if isinstance(x, Table) else
+                [x.value] + [e.value for e in x.table.entries] if isinstance(x, With) else
+                [x.value] if isinstance(x, LayerSlice) else ())
+        todo.extend((k, level) for k in kids)
+    return deepest
 
 
 @dataclass(frozen=True)

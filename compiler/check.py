@@ -108,7 +108,7 @@ class Checker:
                     self.poisoned.add(stmt.name)
         if not saves and not self.errors:
             self.errors.append(RecipeNameError(
-                "the recipe saves nothing", None, 'add a line `save <model> to "<folder>"`'
+                "the recipe saves nothing", _end_of(self.recipe.source), 'add a line `save <model> to "<folder>"`'
             ))
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
@@ -211,29 +211,13 @@ class Checker:
             raise RecipeNameError(f"cycle through def: {cycle}", e.func_span, "a def cannot call itself, directly or through others")
         # The parser bounds the nesting of each expression, but a def's body is evaluated inside its caller's,
         # so nesting adds up along a chain of def calls (the checker and lowering recurse once per level).
-        from mgc.grammar.parse import MAX_NESTING
-
-        levels = 0
-        for node in [self.defs[n] for n in stack if n in self.defs] + [d]:
-            deepest, todo = 0, [(node.body, 0)]
-            while todo:  # the body's nesting depth as the parser counts it, measured iteratively
-                x, level = todo.pop()
-                if isinstance(x, (ast.Call, ast.List, ast.Table, ast.With, ast.LayerSlice)):
-                    level += 1
-                    deepest = max(deepest, level)
-                kids = (list(x.args) + [k.value for k in x.kwargs] if isinstance(x, ast.Call) else
-                        x.items if isinstance(x, ast.List) else
-                        [en.value for en in x.entries] if isinstance(x, ast.Table) else
-                        [x.value] + [en.value for en in x.table.entries] if isinstance(x, ast.With) else
-                        [x.value] if isinstance(x, ast.LayerSlice) else ())
-                todo.extend((k, level) for k in kids)
-            levels += deepest
-        if levels > MAX_NESTING:
+        levels = sum(ast.nesting(node.body) for node in [self.defs[n] for n in stack if n in self.defs] + [d])
+        if levels > ast.MAX_NESTING:
             chain = stack + (d.name,)
             shown = " -> ".join(chain if len(chain) <= 6 else chain[:3] + ("...",) + chain[-2:])
             raise RecipeNameError(
                 f"def calls nested too deeply: {shown} ({len(chain)} calls)", e.func_span,
-                f"the bodies of defs called within defs may nest {MAX_NESTING} levels in all",
+                f"the bodies of defs called within defs may nest {ast.MAX_NESTING} levels in all",
             )
         if e.kwargs:
             by_name = {k.name: k for k in e.kwargs}
@@ -327,10 +311,15 @@ class Checker:
             raise RecipeTypeError(f"fisher()'s data must be a path string, not {kind_of(data)}", opts["data"].value.span)
         samples = self._count_option(opts.get("samples"), fz.DEFAULT_SAMPLES, 1, env, stack)
         max_length = self._count_option(opts.get("max_length"), fz.DEFAULT_MAX_LENGTH, 2, env, stack)
-        path = (self.base_dir / os.path.expanduser(data.value)).resolve()
-        if not path.is_file():
+        try:
+            path = (self.base_dir / os.path.expanduser(data.value)).resolve()
+            is_file, exists = path.is_file(), path.exists()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot use '{data.value}' as fisher()'s data: {getattr(err, 'strerror', None) or err}",
+                                  data.span) from None
+        if not is_file:
             raise CheckpointError(
-                f"no data file at '{data.value}'" if not path.exists() else f"data '{data.value}' is not a file", data.span,
+                f"no data file at '{data.value}'" if not exists else f"data '{data.value}' is not a file", data.span,
                 "paths are relative to the working directory; fisher() reads a text file, documents separated by blank lines",
             )
         try:
@@ -713,6 +702,14 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
                     f"stack(): tensor '{name}' has shape {list(spec.shape)} here but {list(other.shape)} in the first part",
                     part.span,
                 )
+
+
+def _end_of(source) -> Span:
+    lines = source.text.split("\n")
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()
+    col = len(lines[-1].rstrip("\r")) + 1
+    return Span(source, len(lines), col, len(lines), col + 1)
 
 
 def _require_primary_stack(model: ModelValue, span: Span) -> None:

@@ -18,7 +18,7 @@ GRAMMAR = Path(__file__).with_name("merge.lark")
 KEYWORDS = {"def", "save", "to", "with"}
 # The checker, lowering and the per-tensor parameter lookups recurse once per level of nesting, so it is
 # bounded here (and, summed along chains of def calls, in the checker) far below Python's recursion limit.
-MAX_NESTING = 64
+MAX_NESTING = ast.MAX_NESTING
 NESTING = {"call", "list", "table", "with_", "layer_slice"}
 INT_RANGE = (-(2**63), 2**63 - 1)
 

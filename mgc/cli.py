@@ -23,6 +23,11 @@ def _fail(e: MgcError) -> None:
     sys.exit(1)
 
 
+def _warn(plan) -> None:
+    for w in plan.program.warnings:
+        click.echo(w.render(), err=True)
+
+
 def _internal_error(e: Exception) -> None:
     """Any exception but an MgcError is a bug: a short message and EX_SOFTWARE, the traceback with MGC_DEBUG=1."""
     if os.environ.get("MGC_DEBUG") == "1":
@@ -94,6 +99,7 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, share_
     with exit_on_signals():
         try:
             plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors)
+            _warn(plan)
             if dry_run:
                 click.echo(plan.summary())
                 return
@@ -123,6 +129,7 @@ def check(recipe, allow_pickle):
         plan = compile_recipe(recipe, allow_pickle=allow_pickle)
     except MgcError as e:
         _fail(e)
+    _warn(plan)
     n = len(plan.program.saves)
     click.echo(f"{recipe}: ok ({n} output{'s' if n != 1 else ''}, {len(plan.program.checkpoints)} checkpoints)")
     if plan.program.unused:
@@ -142,6 +149,7 @@ def plan(recipe, explain, allow_pickle, share_task_vectors):
         p = compile_recipe(recipe, allow_pickle=allow_pickle, share_task_vectors=share_task_vectors)
     except MgcError as e:
         _fail(e)
+    _warn(p)
     click.echo(p.summary(explain=explain))
 
 

@@ -57,7 +57,7 @@ class Params(OpParams):
     weights: Optional[list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]]] = Field(
         None, description="one weight αᵢ >= 0 per model, normalised to sum 1", json_schema_extra={"default_text": "1.0 each"}
     )
-    max_iter: int = Field(10, ge=1, description="most fixed-point iterations")
+    max_iter: int = Field(10, ge=1, le=10_000, description="most fixed-point iterations")
     tol: float = Field(1e-5, gt=0, description="stop when the norm of the mean Log map is below this")
 
     @field_validator("weights")

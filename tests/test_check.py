@@ -478,8 +478,9 @@ def test_two_saves_to_the_same_folder():
 
 def test_a_recipe_that_saves_nothing():
     err = check_error("x = linear(code, math)\n", RecipeNameError)
-    assert err.span is None
-    assert err.render() == 'error: the recipe saves nothing\nhint: add a line `save <model> to "<folder>"`'
+    assert err.message == "the recipe saves nothing" and err.hint == 'add a line `save <model> to "<folder>"`'
+    last = len(recipe("x = linear(code, math)\n").rstrip("\n").split("\n"))
+    assert (err.span.line, err.span.col) == (last, len("x = linear(code, math)") + 1)  # at the end of the recipe
 
 
 def test_unused_assignments_are_reported():

@@ -413,15 +413,17 @@ def _show(data: bytes, limit: int = 3000) -> str:
 
 
 class Fuzzer:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, fetched: list[str]):
         self.dir = workdir
+        self.fetched = fetched  # hub ids asked of (the fixture's fake) huggingface_hub.snapshot_download
         self.runner = CliRunner()
         self.failures: list[str] = []
         self.counts = {"ok": 0, "error": 0, "cli": 0, "runs": 0}
         self.unlocated: dict[str, int] = {}
 
     def fail(self, what: str, index: int, seed: int, data: bytes, detail: str) -> None:
-        self.failures.append(f"--- recipe {index} (seed {seed}): {what}\n{_show(data)}\n--- {detail}")
+        again = f"make_recipe(random.Random({seed} * 1_000_003 + {index}))"
+        self.failures.append(f"--- recipe {index} (seed {seed}; {again}): {what}\n{_show(data)}\n--- {detail}")
 
     def one(self, index: int, seed: int, cli_every: int, run_rate: float) -> None:
         rng = random.Random(seed * 1_000_003 + index)
@@ -429,6 +431,7 @@ class Fuzzer:
         path = self.dir / f"r{index % 4}.merge"
         path.write_bytes(data)
         plan = None
+        fetches = len(self.fetched)
         try:
             plan = compile_recipe(path)
             plan.summary(explain=True)
@@ -442,6 +445,8 @@ class Fuzzer:
         except Exception as e:  # noqa: BLE001 - any other exception is the bug this test looks for
             self.fail(type(e).__name__, index, seed, data, "".join(traceback.format_exception(e))[-3000:])
             return
+        if len(self.fetched) > fetches and b"hf://" not in data:
+            self.fail("fetched from the hub without hf://", index, seed, data, repr(self.fetched[fetches:]))
         # a merge is run only where every output lies under the fuzzer's folder (and no Fisher is to be computed)
         runnable = plan is not None and not plan.program.fishers and all(
             self.dir in s.path.parents for s in plan.program.saves
@@ -473,7 +478,7 @@ def fuzz_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MGC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `~` in a path names a folder under tmp_path
-    fetched = []
+    fetched: list[str] = []
     import huggingface_hub
 
     def snapshot_download(repo_id, **kwargs):
@@ -481,12 +486,13 @@ def fuzz_dir(tmp_path, monkeypatch):
         raise OSError(f"no network in the fuzzer ({repo_id})")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    return tmp_path
+    return tmp_path, fetched
 
 
-def fuzz(workdir: Path, n: int, seed: int, cli_every: int, run_rate: float) -> Fuzzer:
+def fuzz(workdir_and_fetched, n: int, seed: int, cli_every: int, run_rate: float) -> Fuzzer:
+    workdir, fetched = workdir_and_fetched
     before = set(Path(workdir).parent.iterdir())
-    f = Fuzzer(workdir)
+    f = Fuzzer(workdir, fetched)
     start = time.perf_counter()
     for i in range(n):
         f.one(i, seed, cli_every, run_rate)
@@ -505,7 +511,7 @@ def test_fuzz_sample(fuzz_dir):
     f = fuzz(fuzz_dir, n, int(os.environ.get("MGC_FUZZ_SEED", 20240601)), 25, 0.05)
     print(_report(f, n))
     assert not f.failures, _report(f, n) + "\n\n" + "\n\n".join(f.failures[:5])
-    assert f.counts["ok"] > 0 and f.counts["error"] > 0  # both kinds of outcome are exercised
+    assert f.counts["ok"] > 0 and f.counts["error"] > 0 and f.counts["runs"] > 0  # every kind of outcome is reached
 
 
 @pytest.mark.slow

@@ -250,3 +250,16 @@ def test_inputs_that_agree_keep_their_dtype_without_a_warning(zoo, tmp_path):
     assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.bfloat16}
     assert _config(tmp_path / "out")["torch_dtype"] == "bfloat16"
     assert plan.program.warnings == []
+
+
+def test_the_command_line_reports_the_dtype_warning(zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from mgc.cli import main
+
+    recipe = tmp_path / "r.merge"
+    recipe.write_text(f'x = model("{zoo}/a16")\ny = model("{zoo}/abf")\nsave linear(x, y) to "{tmp_path}/o"\n')
+    for command in ("check", "plan"):
+        result = CliRunner().invoke(main, [command, str(recipe)])
+        assert result.exit_code == 0
+        assert f"{recipe}:3:1: warning: the inputs of this save are stored in different dtypes" in result.output
