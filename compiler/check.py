@@ -20,7 +20,7 @@ from mgc.stdlib import OPERATORS
 
 from . import ast
 from .errors import (
-    CheckpointError, MgcError, MgcErrors, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, Span, did_you_mean,
+    CheckpointError, MgcError, MgcErrors, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, Span, did_you_mean, end_of,
 )
 from .layers import layer_map
 from .params import bind, resolve_all, unmatched_selectors
@@ -108,7 +108,7 @@ class Checker:
                     self.poisoned.add(stmt.name)
         if not saves and not self.errors:
             self.errors.append(RecipeNameError(
-                "the recipe saves nothing", _end_of(self.recipe.source), 'add a line `save <model> to "<folder>"`'
+                "the recipe saves nothing", end_of(self.recipe.source), 'add a line `save <model> to "<folder>"`'
             ))
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
@@ -702,14 +702,6 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
                     f"stack(): tensor '{name}' has shape {list(spec.shape)} here but {list(other.shape)} in the first part",
                     part.span,
                 )
-
-
-def _end_of(source) -> Span:
-    lines = source.text.split("\n")
-    while len(lines) > 1 and not lines[-1].strip():
-        lines.pop()
-    col = len(lines[-1].rstrip("\r")) + 1
-    return Span(source, len(lines), col, len(lines), col + 1)
 
 
 def _require_primary_stack(model: ModelValue, span: Span) -> None:

@@ -42,6 +42,15 @@ class Span:
         return f"    {text}\n    {' ' * (self.col - 1)}{'^' * width}"
 
 
+def end_of(source: Source) -> Span:
+    """The place just after a recipe's last non-blank line: where something missing is reported."""
+    lines = source.text.split("\n")
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()
+    col = len(lines[-1].rstrip("\r")) + 1
+    return Span(source, len(lines), col, len(lines), col + 1)
+
+
 class MgcError(Exception):
     """The root of every error mgc reports to a user."""
 

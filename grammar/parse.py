@@ -12,7 +12,7 @@ from lark import Lark, Token, Transformer_NonRecursive, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from mgc.compiler import ast
-from mgc.compiler.errors import MgcError, RecipeSyntaxError, Source, Span
+from mgc.compiler.errors import MgcError, RecipeSyntaxError, Source, Span, end_of
 
 GRAMMAR = Path(__file__).with_name("merge.lark")
 KEYWORDS = {"def", "save", "to", "with"}
@@ -306,12 +306,7 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> RecipeSyntaxError:
         elif "EQUAL" in expected and tok.type == "LPAR":
             hint = "a statement is `name = expression`, `def name(params) = expression` or `save expression to \"dir\"`"
     elif isinstance(e, (UnexpectedToken, UnexpectedEOF)):
-        lines = source.text.split("\n")
-        while len(lines) > 1 and not lines[-1].strip():
-            lines.pop()
-        line = len(lines)
-        col = len(lines[-1].rstrip("\r")) + 1
-        span = Span(source, line, col, line, col + 1)
+        span = end_of(source)
         expected = set(getattr(e, "expected", ()) or ())
         msg = "unexpected end of file" + (f"; expected {_describe(expected)}" if expected else "")
         if "RPAR" in expected:
