@@ -28,8 +28,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def leftovers(root: Path) -> list[str]:
-    """Temporary folders the runtime stages outputs in (none may survive a run)."""
-    return [str(p) for p in root.rglob("*") if "mgc-tmp" in p.name or "mgc-old" in p.name]
+    """What the runtime makes beside an output while it runs (none may survive a run)."""
+    return [str(p) for p in root.rglob("*") if any(f"mgc-{kind}" in p.name for kind in ("tmp", "old", "owner"))]
 
 
 def load_folder(folder: Path) -> dict[str, torch.Tensor]:
