@@ -322,45 +322,40 @@ def test_force_replacement_exchanges_in_one_step(tmp_path, monkeypatch):
     assert snapshot(out) == {"model.safetensors": b"new weights"} and leftovers(tmp_path) == []
 
 
-def test_force_replacement_by_renames_puts_the_old_output_back_on_failure(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    before = old_output(out)
-    staged = staged_new(out)
+class Crash(BaseException):
+    """The process dies: nothing after this runs."""
+
+
+def renames_failing_after_the_first(monkeypatch, failure: BaseException, times: int = 10**9) -> None:
+    """No atomic exchange, and the `times` renames after the first raise `failure`."""
     monkeypatch.setattr(output_module, "_exchange", lambda a, b: False, raising=False)
     real, calls = os.rename, []
 
     def rename(a, b):
         calls.append((a, b))
-        if len(calls) == 2:
-            raise OSError(errno.EIO, "Input/output error")
+        if 1 < len(calls) <= 1 + times:
+            raise failure
         real(a, b)
 
     monkeypatch.setattr(output_module.os, "rename", rename)
     monkeypatch.setattr(output_module.os, "replace", rename)
+
+
+def test_force_replacement_by_renames_puts_the_old_output_back_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    before = old_output(out)
+    staged = staged_new(out)
+    renames_failing_after_the_first(monkeypatch, OSError(errno.EIO, "Input/output error"), times=1)
     with pytest.raises(OutputError, match="Input/output error"):
         staged.commit()
     assert snapshot(out) == before and leftovers(tmp_path) == []
-
-
-class Crash(BaseException):
-    """The process dies: nothing after this runs."""
 
 
 def test_a_crash_between_the_renames_is_repaired_by_the_next_run(tmp_path, monkeypatch):
     out = tmp_path / "out"
     before = old_output(out)
     staged = staged_new(out)
-    monkeypatch.setattr(output_module, "_exchange", lambda a, b: False, raising=False)
-    real, calls = os.rename, []
-
-    def rename(a, b):
-        calls.append((a, b))
-        if len(calls) > 1:
-            raise Crash
-        real(a, b)
-
-    monkeypatch.setattr(output_module.os, "rename", rename)
-    monkeypatch.setattr(output_module.os, "replace", rename)
+    renames_failing_after_the_first(monkeypatch, Crash())
     monkeypatch.setattr(staged, "abort", lambda: None)  # a dead process cleans nothing
     with pytest.raises(Crash):
         staged.commit()
