@@ -49,15 +49,13 @@ class Apply:
     span: Optional[Span] = field(default=None, compare=False)
     # model-valued parameters: (name, count) of the inputs that follow the models, in order
     aux: tuple[tuple[str, int], ...] = ()
-    # the model inputs are task_vector nodes (x − base): the runtime calls the operator's merge_deltas
-    deltas: bool = False
     # the tensor name that seeds a random operator's draws (None for the others): it changes the result,
     # so it is part of the node's identity, unlike `tensor`, which only names the node in messages
     seed_tensor: Optional[str] = None
 
     def key(self) -> tuple:
         """Everything the runtime reads to compute this node, besides its inputs."""
-        return ("apply", self.op, params_key(self.params), self.has_base, self.aux, self.deltas, self.seed_tensor)
+        return ("apply", self.op, params_key(self.params), self.has_base, self.aux, self.seed_tensor)
 
     def split(self, inputs: list) -> tuple[Optional[object], list, dict[str, list]]:
         """(base, models, {aux name: inputs}) from the flat input list."""
@@ -79,7 +77,7 @@ class Apply:
             [f"{k}={_fmt(v)}" for k, v in self.params.model_dump(by_alias=True).items()]
             + [f"{name}=<{count} models>" for name, count in self.aux]
         )
-        return f"{self.op}({shown})" + (" on task vectors" if self.deltas else "")
+        return f"{self.op}({shown})"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _transient(p: Apply, op, k: int) -> int:
     """
     numel = math.prod(p.shape)
     slice_bytes = 4 * min(numel, SLICE)
-    if op.reads_stored(p.deltas):
+    if op.native_inputs:
         if p.aux:
             return 2 * 8 * numel * k + 4 * numel
         return (k + 3) * slice_bytes + min(GRAM_BUFFER, 8 * numel * k) + (7 * numel if p.op == "ties" else 0)
@@ -78,7 +78,7 @@ class Plan:
                 held[n], dtypes[n] = p.nbytes, p.dtype
             elif isinstance(p, Apply):
                 op = OPERATORS[p.op]
-                dtypes[n] = direct.get(n, torch.float32) if op.fills_output(p.deltas) else torch.float32
+                dtypes[n] = direct.get(n, torch.float32) if op.fills_output else torch.float32
                 held[n] = math.prod(p.shape) * _itemsize(dtypes[n])
                 transient = _transient(p, op, len(inputs))
             elif dtypes.get(inputs[0]) != p.dtype:

@@ -8,7 +8,7 @@ from mgc.compiler.check import Program, check
 from mgc.compiler.errors import OutputError
 from mgc.compiler.lower import lower
 from mgc.compiler.outputs import check_output_paths, program_inputs
-from mgc.compiler.passes import optimize, pipeline
+from mgc.compiler.passes import PASSES, optimize
 from mgc.compiler.plan import Plan
 from mgc.gcpause import gc_paused
 from mgc.grammar import parse, parse_file
@@ -17,10 +17,9 @@ from mgc.runtime.execute import RunStats, execute
 
 def compile_recipe(
     recipe: str | Path, *, text: Optional[str] = None, allow_pickle: bool = False, output: Optional[str | Path] = None,
-    optimize_graph: bool = True, share_task_vectors: bool = False,
+    optimize_graph: bool = True,
 ) -> Plan:
-    """Parse, check, lower and optimize a recipe file (or `text`, reported under the name `recipe`).
-    `share_task_vectors` adds the opt-in pass of that name (see mgc.compiler.passes.pipeline)."""
+    """Parse, check, lower and optimize a recipe file (or `text`, reported under the name `recipe`)."""
     with gc_paused():
         tree = parse(text, str(recipe)) if text is not None else parse_file(recipe)
         program = check(tree, allow_pickle=allow_pickle)
@@ -28,7 +27,7 @@ def compile_recipe(
             _redirect(program, Path(output))
         check_output_paths(program.saves, program_inputs(program), None if text is not None else Path(recipe), Path.cwd())
         graph = lower(program)
-        passes = pipeline(share_task_vectors=share_task_vectors) if optimize_graph else _schedule_only()
+        passes = PASSES if optimize_graph else _schedule_only()
         reports = optimize(graph, passes=passes)
         return Plan(tree, program, graph, reports)
 
@@ -36,10 +35,10 @@ def compile_recipe(
 def run(
     recipe: str | Path, *, text: Optional[str] = None, device: str = "auto", force: bool = False,
     progress: bool = False, allow_pickle: bool = False, output: Optional[str | Path] = None,
-    max_memory: Optional[int] = None, share_task_vectors: bool = False,
+    max_memory: Optional[int] = None,
 ) -> tuple[Plan, RunStats]:
     plan = compile_recipe(
-        recipe, text=text, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors,
+        recipe, text=text, allow_pickle=allow_pickle, output=output,
     )
     prepare(plan, device=device, progress=progress, force=force)
     return plan, execute(plan, device=device, force=force, progress=progress, max_memory=max_memory)

@@ -78,9 +78,8 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Check and plan, print the plan, write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints, which can run code: only for trusted files.")
 @click.option("--max-memory", metavar="SIZE", help="Cap on tensor memory, e.g. 8GB; the run is refused if the plan needs more.")
-@click.option("--share-task-vectors", is_flag=True, help="Compute a task vector that several task-vector operations read once, and hold it between them (more memory; rarely faster).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, share_task_vectors, quiet):
+def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet):
     """Merge: run RECIPE and write its saves."""
     from mgc.api import compile_recipe
     from mgc.runtime.execute import execute
@@ -98,7 +97,7 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, share_
     # SIGTERM and SIGHUP clean up as Ctrl-C does; either exits with 128 + the signal's number (143, 130)
     with exit_on_signals():
         try:
-            plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output, share_task_vectors=share_task_vectors)
+            plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output)
             _warn(plan)
             if dry_run:
                 click.echo(plan.summary())
@@ -140,13 +139,12 @@ def check(recipe, allow_pickle):
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--explain", is_flag=True, help="List the rewrite rules that fired in each pass.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints.")
-@click.option("--share-task-vectors", is_flag=True, help="Compute a task vector that several task-vector operations read once, and hold it between them (more memory; rarely faster).")
-def plan(recipe, explain, allow_pickle, share_task_vectors):
+def plan(recipe, explain, allow_pickle):
     """Print the optimized plan of RECIPE: passes, work, bytes, peak memory."""
     from mgc.api import compile_recipe
 
     try:
-        p = compile_recipe(recipe, allow_pickle=allow_pickle, share_task_vectors=share_task_vectors)
+        p = compile_recipe(recipe, allow_pickle=allow_pickle)
     except MgcError as e:
         _fail(e)
     _warn(p)

@@ -192,7 +192,7 @@ def _apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtype: 
     operators that can fill it directly (native_inputs, or elementwise ones run slice by slice) then never
     hold a whole float32 result."""
     op = OPERATORS[p.op]
-    if op.reads_stored(p.deltas):
+    if op.native_inputs:
         for k, t in enumerate(tensors):
             tensors[k] = t.to(device=dev, non_blocking=True)
         out = torch.empty(p.shape, dtype=out_dtype, device=dev)
@@ -242,7 +242,7 @@ def _call(op, p: Apply, tensors: list[torch.Tensor], **kw) -> torch.Tensor:
     if op.random:
         extra["generator"] = tensor_generator(p.params.seed, p.seed_tensor)
     try:
-        return (op.merge_deltas if p.deltas else op.merge)(models, p.params, base, **extra, **kw)
+        return op.merge(models, p.params, base, **extra, **kw)
     except MgcError:
         raise
     except Exception as e:

@@ -25,7 +25,6 @@ _MODULES = (
     "della",
     "della_linear",
     "sce",
-    "task_vector",
 )
 
 OPERATORS: dict[str, Operator] = {}

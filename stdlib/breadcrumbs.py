@@ -63,7 +63,6 @@ OPERATOR = Operator(
     name="breadcrumbs",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·crumbs(δᵢ) (/ Σ wᵢ when normalize); crumbs drops the top gamma fraction of |δᵢ| "
         "and keeps the next density fraction",
     reference="Davari & Belilovsky 2023, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "

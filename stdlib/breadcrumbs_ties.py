@@ -44,7 +44,6 @@ OPERATOR = Operator(
     name="breadcrumbs_ties",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·crumbs(δᵢ)[sign = γ] (/ Σ wᵢ[sign = γ] when normalize), γ = sign(Σ wᵢ·crumbs(δᵢ)); "
         "crumbs drops the top gamma fraction of |δᵢ| and keeps the next density fraction",
     reference="Davari & Belilovsky 2023, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "

@@ -61,7 +61,6 @@ OPERATOR = Operator(
     name="dare_linear",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·dare(δᵢ) (/ Σ wᵢ when normalize); dare keeps each entry with probability density, "
         "rescaled to ‖δᵢ‖₁",
     reference="Yu et al. 2023, Language Models are Super Mario: Absorbing Abilities from Homologous Models "

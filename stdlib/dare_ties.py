@@ -51,7 +51,6 @@ OPERATOR = Operator(
     name="dare_ties",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·dare(δᵢ)[sign = γ] (/ Σ wᵢ[sign = γ] when normalize), γ = sign(Σ wᵢ·dare(δᵢ)); "
         "dare keeps each entry with probability density, rescaled to ‖δᵢ‖₁",
     reference="Yu et al. 2023, Language Models are Super Mario: Absorbing Abilities from Homologous Models "

@@ -84,7 +84,6 @@ OPERATOR = Operator(
     name="della",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·prune(δᵢ)[sign = γ] (/ Σ wᵢ[sign = γ] when normalize), γ = sign(Σ wᵢ·prune(δᵢ)); "
         "prune keeps an entry with probability density ± epsilon rising with its magnitude rank in its row, "
         "rescaled to ‖δᵢ‖₁",

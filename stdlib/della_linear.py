@@ -58,7 +58,6 @@ OPERATOR = Operator(
     name="della_linear",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ·prune(δᵢ) (/ Σ wᵢ when normalize); prune keeps an entry with probability "
         "density ± epsilon rising with its magnitude rank in its row, rescaled to ‖δᵢ‖₁",
     reference="Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "

@@ -9,13 +9,6 @@ An operator is a tensor-wise function lifted over models. Its module defines:
   ``native_inputs`` operator, on tensors of any float dtype, with an ``out`` keyword);
 * ``OPERATOR``: an :class:`Operator` naming the two and the arity.
 
-A task-vector operator (one that takes ``base = model`` and works on δᵢ = xᵢ − base) may also
-define ``merge_deltas(deltas, params, base, **extra)``: the same math given the task vectors
-instead of the models, such that ``merge`` is ``merge_deltas`` of the xᵢ − base, bit for bit. The
-``share_task_vectors`` pass (opt-in) then has a task vector that several operations use computed once (by
-the ``task_vector`` operator). ``merge_deltas`` must not modify the task vectors it is given:
-other operations may read them too.
-
 ``extra`` holds, by name, what an operator asks for beyond its models:
 
 * for each name in ``model_params`` (keyword parameters that take one model per input
@@ -64,25 +57,20 @@ class Operator:
     # each output entry depends only on the same entry of the inputs, so the runtime may run
     # merge() on slices of a large tensor and never hold whole float32 copies of its inputs
     elementwise: bool = False
-    # the math from the task vectors δᵢ = xᵢ − base instead of the models (see the module's doc)
-    merge_deltas: Optional[MergeFn] = None
     # merge() takes its tensors as stored (bf16, fp16, float32 ...) and widens them slice by slice, and
     # takes `out`: None (return float32) or a tensor of the result's shape to fill, in the dtype the result
     # is saved in, so the runtime makes no whole float32 copy of the inputs or of the result
     native_inputs: bool = False
-
-    def reads_stored(self, on_deltas: bool = False) -> bool:
-        """merge() takes the tensors as stored and fills `out` (merge_deltas takes float32 task vectors)."""
-        return self.native_inputs and not on_deltas
 
     @property
     def runs_in_slices(self) -> bool:
         """The runtime may call merge() slice by slice: elementwise, and no random draws over the whole tensor."""
         return self.elementwise and not self.random
 
-    def fills_output(self, on_deltas: bool = False) -> bool:
+    @property
+    def fills_output(self) -> bool:
         """The runtime can have this operator produce its result in the saved dtype, with no float32 copy."""
-        return self.reads_stored(on_deltas) or self.runs_in_slices
+        return self.native_inputs or self.runs_in_slices
 
     def arity_text(self) -> str:
         if self.max_models is None:

@@ -74,7 +74,6 @@ OPERATOR = Operator(
     name="sce",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + Σ wᵢ·sel(δᵢ)[sign = γ] / Σ wᵢ[sign = γ], sel keeps the select_topk most varying entries "
         "across models, wᵢ ∝ mean(sel(δᵢ)²), γ = sign(Σ sel(δᵢ))",
     reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, arXiv:2408.07990",

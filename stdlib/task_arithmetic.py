@@ -35,7 +35,6 @@ OPERATOR = Operator(
     name="task_arithmetic",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     doc="base + λ·Σ wᵢ(xᵢ − base) (/ Σ wᵢ when normalize)",
     reference="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
     min_models=1,

@@ -63,7 +63,6 @@ OPERATOR = Operator(
     name="ties",
     params=Params,
     merge=merge,
-    merge_deltas=merge_deltas,
     native_inputs=True,
     doc="base + λ·Σ wᵢ·trim(δᵢ)[sign = γ] / Σ wᵢ[sign = γ], γ = sign(Σ wᵢ·trim(δᵢ))",
     reference="Yadav et al. 2023, TIES-Merging: Resolving interference when merging models, arXiv:2306.01708",

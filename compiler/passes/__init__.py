@@ -13,7 +13,6 @@ from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_nodes import eliminate_dead_nodes
 from .fold_trivial_ops import fold_trivial_ops
 from .schedule_blocks import schedule_blocks
-from .share_task_vectors import share_task_vectors
 
 PASSES: tuple[Callable[[Graph], Graph], ...] = (
     eliminate_common_subexpressions,
@@ -22,19 +21,6 @@ PASSES: tuple[Callable[[Graph], Graph], ...] = (
     eliminate_dead_nodes,
     schedule_blocks,
 )
-
-_SHARE_TASK_VECTORS = share_task_vectors  # pipeline()'s keyword of the same name hides the function
-
-
-def pipeline(*, share_task_vectors: bool = False) -> tuple[Callable[[Graph], Graph], ...]:
-    """PASSES, with the opt-in ones asked for. ``share_task_vectors`` is opt-in because it trades memory for
-    a subtraction: the shared float32 task vectors stay alive between their users, while the streaming
-    operators fuse x − base into their slice loops for almost nothing (docs/performance.md measures it)."""
-    if not share_task_vectors:
-        return PASSES
-    at = PASSES.index(eliminate_dead_nodes)
-    return PASSES[:at] + (_SHARE_TASK_VECTORS,) + PASSES[at:]
-
 
 @dataclass
 class PassReport:
@@ -54,5 +40,5 @@ def optimize(graph: Graph, passes=PASSES) -> list[PassReport]:
     return reports
 
 
-__all__ = ["PASSES", "pipeline", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
-           "fold_trivial_ops", "schedule_blocks", "share_task_vectors"]
+__all__ = ["PASSES", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
+           "fold_trivial_ops", "schedule_blocks"]
