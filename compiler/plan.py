@@ -21,9 +21,8 @@ def _transient(p: Apply, op, k: int) -> int:
     """Bytes an operation holds while it runs, beyond its inputs and result (k graph inputs):
 
     * an operator reading stored dtypes (``native_inputs``): a few float32 slices and gram()'s float64
-      buffer; ``ties`` also one float32 |δ| of the whole tensor and three boolean masks over it while it
-      finds the k-th largest magnitude; ``karcher`` with Fisher models its dense
-      float64 [N, d] units and Fisher weights;
+      buffer, and what the operator declares (``scratch_bytes``); with model-valued parameters (Fisher
+      weights), its dense float64 [N, d] units and those weights;
     * an elementwise operator run slice by slice: float32 copies of one slice of each input;
     * any other: float32 copies of every input, and as much again for the operator's own temporaries.
     """
@@ -32,7 +31,7 @@ def _transient(p: Apply, op, k: int) -> int:
     if op.native_inputs:
         if p.aux:
             return 2 * 8 * numel * k + 4 * numel
-        return (k + 3) * slice_bytes + min(GRAM_BUFFER, 8 * numel * k) + (7 * numel if p.op == "ties" else 0)
+        return (k + 3) * slice_bytes + min(GRAM_BUFFER, 8 * numel * k) + op.scratch_bytes(numel)
     if op.runs_in_slices:
         return (k + 2) * slice_bytes
     return 2 * 4 * numel * k

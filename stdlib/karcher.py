@@ -202,4 +202,6 @@ OPERATOR = Operator(
     per_model=("weights",),
     model_params=("fisher",),
     native_inputs=True,
+    # karcher of one model copies it; with Fisher weights, merge() checks them first
+    identity=lambda params, n, aux: (0, "single_source") if n == 1 and not aux else None,
 )

@@ -21,12 +21,15 @@ An operator is a tensor-wise function lifted over models. Its module defines:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 MergeFn = Callable[[Sequence[torch.Tensor], BaseModel, Optional[torch.Tensor]], torch.Tensor]
+# (params, number of models, whether model-valued parameters such as Fisher weights are given) ->
+# (index of the model input the result is, bit for bit; the rule's name for `mgc plan --explain`) or None
+IdentityFn = Callable[[BaseModel, int, bool], Optional[Tuple[int, str]]]
 
 
 class OpParams(BaseModel):
@@ -61,6 +64,12 @@ class Operator:
     # takes `out`: None (return float32) or a tensor of the result's shape to fill, in the dtype the result
     # is saved in, so the runtime makes no whole float32 copy of the inputs or of the result
     native_inputs: bool = False
+    # when the result is exactly one of the model inputs (slerp at t = 0): the optimizer then reads that
+    # input instead of running merge(). Only identities merge() computes bit for bit belong here.
+    identity: Optional[IdentityFn] = None
+    # bytes merge() holds beyond the runtime's own copies, for a result of `numel` entries: the plan's
+    # peak-memory estimate adds them (ties' whole-tensor |δ| and masks while it finds its cut)
+    scratch_bytes: Callable[[int], int] = field(default=lambda numel: 0)
 
     @property
     def runs_in_slices(self) -> bool:

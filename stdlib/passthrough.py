@@ -29,4 +29,5 @@ OPERATOR = Operator(
     min_models=1,
     max_models=1,
     elementwise=True,
+    identity=lambda params, n, aux: (0, "identity_passthrough") if params.scale == 1 else None,
 )

@@ -53,4 +53,5 @@ OPERATOR = Operator(
     min_models=2,
     max_models=2,
     native_inputs=True,
+    identity=lambda params, n, aux: (0, "slerp_t0") if params.t == 0 else (1, "slerp_t1") if params.t == 1 else None,
 )

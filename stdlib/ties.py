@@ -69,4 +69,5 @@ OPERATOR = Operator(
     min_models=1,
     base="required",
     per_model=("weights", "density"),
+    scratch_bytes=lambda numel: 7 * numel,  # one float32 |δ| and three boolean masks while it finds the cut
 )
