@@ -224,7 +224,8 @@ class Checker:
             unknown = [k for k in by_name if k not in d.params]
             if unknown:
                 k = by_name[unknown[0]]
-                raise RecipeNameError(f"{d.name}() has no parameter '{k.name}'", k.span, did_you_mean(k.name, d.params))
+                raise RecipeNameError(f"{d.name}() has no parameter '{k.name}'", k.span,
+                                      did_you_mean(k.name, d.params) or f"def {d.name}({', '.join(d.params)})")
         given = len(e.args) + len(e.kwargs)
         if given != len(d.params):
             raise RecipeTypeError(
@@ -376,6 +377,10 @@ class Checker:
             start += model.num_layers
         if stop < 0:
             stop += model.num_layers
+        if 0 <= start <= model.num_layers and 0 <= stop <= model.num_layers and start >= stop:
+            raise RecipeTypeError(
+                f"layers[{start}:{stop}] is empty", e.span, "a range a:b holds layers a to b - 1: write the smaller index first",
+            )
         if not 0 <= start < stop <= model.num_layers:
             raise RecipeTypeError(
                 f"layers[{start}:{stop}] is outside the model's {model.num_layers} layers", e.span,
@@ -598,7 +603,8 @@ class Checker:
                 return size
         raise RecipeTypeError(
             "shard must be a size such as \"2GB\", \"500MB\" or a byte count", option.value.span,
-            "sizes run from 1 byte to 2**63 - 1 bytes" if isinstance(v, (Num, Str)) else None,
+            "units are B, KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB (powers of 1024); sizes run from 1 "
+            "byte to 2**63 - 1 bytes" if isinstance(v, (Num, Str)) else None,
         )
 
 
