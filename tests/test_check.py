@@ -344,7 +344,7 @@ def test_selector_matching_nothing_in_with():
 def test_layer_range_outside_the_model():
     expect('x = stack(base.layers[0:20])\nsave x to "o"\n', RecipeTypeError, 1, 11,
            "layers[0:20] is outside the model's 8 layers", "valid layer indices are 0 to 7", width=17)
-    expect('x = stack(base.layers[4:2])\nsave x to "o"\n', RecipeTypeError, 1, 11, "layers[4:2] is outside")
+    expect('x = stack(base.layers[4:2])\nsave x to "o"\n', RecipeTypeError, 1, 11, "layers[4:2] is empty")
 
 
 def test_negative_and_open_layer_slices():
