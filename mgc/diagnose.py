@@ -42,9 +42,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from mgc.evaluate import (
-    DataError, Dataset, batches, context_length, encode_texts, load, pad_id, read_data, require, resolve_device,
-)
+from mgc.evaluate import batches, pad_id
+from mgc.lm import DataError, Dataset, context_length, encode_texts, load, read_data, require, resolve_device
 
 DEFAULT_RTOL = 1e-3
 STATISTICS = ("variance", "effective_rank", "numerical_rank")

@@ -3,16 +3,15 @@
 The KL is the seed paper's *function distance* (arXiv:2603.04972, Eq. 1-2): the mean over predicted
 positions of KL(p_teacher(. | x) || p_model(. | x)) between next-token distributions, in nats.
 
-`transformers` is an optional dependency (the `mgc[eval]` extra); it is imported only inside the
-functions that need it, so `import mgc` and the merge path never import it.
+Data files, documents, loading, the device and the tokenization of a document are those of `mgc.lm`,
+shared with `mgc diagnose` and `fisher()`.
 
 Conventions shared by every metric here
 ----------------------------------------
 * Tokenization. Text is encoded without the tokenizer's own special tokens, and the tokenizer's BOS
-  token (if it has one) is prepended by hand, so every tokenizer is treated the same way whatever its
-  post-processor does. BOS is context only: it is never a predicted token. The first real token is
-  predicted from BOS; a tokenizer without a BOS token leaves the first token unpredicted (context).
-  No EOS is appended.
+  token (if it has one) is prepended by hand (`mgc.lm`). BOS is context only: it is never a predicted
+  token. The first real token is predicted from BOS; a tokenizer without a BOS token leaves the first
+  token unpredicted (context). No EOS is appended.
 * Truncation. A sequence longer than `max_length` tokens (BOS included) is cut: a text document keeps
   its first `max_length` tokens (the rest is dropped, not scored in a second window); a prompt/answer
   record keeps its whole answer and drops tokens from the *start* of the prompt (and, only if the answer
@@ -26,258 +25,21 @@ Conventions shared by every metric here
 """
 from __future__ import annotations
 
-import importlib
-import json
 import math
-import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from mgc.compiler.errors import CheckpointError, MgcError, Source, Span
-
-EXTRA_HINT = "pip install 'mgc[eval]'"
-
-
-class MissingExtraError(MgcError, ImportError):
-    """An optional dependency of `mgc eval` / `mgc diagnose` (the `mgc[eval]` extra) is missing."""
-
-
-class DataError(MgcError):
-    """An evaluation data file is missing, empty or malformed."""
-
-
-def require(module: str):
-    """Import an optional dependency, or fail with a hint to install the `mgc[eval]` extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        top = module.split(".")[0]
-        raise MissingExtraError(
-            f"this command needs the optional package '{top}', which is not installed ({e})", hint=EXTRA_HINT
-        ) from None
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Record:
-    """One prompt/answer pair from a .jsonl file (`line` is its 1-based line number there)."""
-
-    prompt: str
-    answer: str
-    line: int = 0
-
-
-@dataclass
-class Dataset:
-    """Evaluation data: plain-text documents (`kind == "text"`) or prompt/answer records (`"qa"`)."""
-
-    path: str
-    kind: str
-    texts: list[str] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.records) if self.kind == "qa" else len(self.texts)
-
-    @property
-    def items(self) -> Union[list[str], list[Record]]:
-        return self.records if self.kind == "qa" else self.texts
-
-    def documents(self) -> list[str]:
-        """The data as plain text: the documents, or each record's prompt followed by its answer."""
-        return [r.prompt + r.answer for r in self.records] if self.kind == "qa" else list(self.texts)
-
-
-def read_data(path: Union[str, Path]) -> Dataset:
-    """Read evaluation data.
-
-    * `*.jsonl`: one JSON object per line with string fields "prompt" and "answer" (the answer must not
-      be empty; other fields are ignored; blank lines are skipped). A malformed line is reported as
-      `file:line:col` with the line and a caret.
-    * any other file (`*.txt`): plain-text documents separated by one or more blank lines (lines that are
-      empty or only whitespace). A document's lines are joined with "\\n", so a document may span lines;
-      to make every line its own document, put a blank line between lines.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as UTF-8 text: {e}") from None
-    if path.suffix.lower() == ".jsonl":
-        data = Dataset(str(path), "qa", records=_read_jsonl(path, text))
-    else:
-        data = Dataset(str(path), "text", texts=_split_documents(text))
-    if len(data) == 0:
-        raise DataError(f"{path}: no {'records' if data.kind == 'qa' else 'documents'} in the file")
-    return data
-
-
-def _split_documents(text: str) -> list[str]:
-    docs, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line)
-        elif current:
-            docs.append("\n".join(current))
-            current = []
-    if current:
-        docs.append("\n".join(current))
-    return docs
-
-
-def _read_jsonl(path: Path, text: str) -> list[Record]:
-    source = Source(str(path), text)
-    lines = text.split("\n")
-
-    def fail(n: int, message: str, col: int = 1, hint: Optional[str] = None):
-        line = lines[n - 1].rstrip("\r")
-        end = col + 1 if col > 1 else max(2, len(line) + 1)
-        raise DataError(message, Span(source, n, col, n, end), hint=hint)
-
-    hint = 'each line must be a JSON object like {"prompt": "2+2=", "answer": "4"}'
-    records = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(n, f"invalid JSON: {e.msg}", col=e.colno, hint=hint)
-        if not isinstance(obj, dict):
-            fail(n, f"expected a JSON object, got {type(obj).__name__}", hint=hint)
-        for key in ("prompt", "answer"):
-            if key not in obj:
-                fail(n, f"the record has no \"{key}\" field", hint=hint)
-            if not isinstance(obj[key], str):
-                fail(n, f"\"{key}\" must be a string, got {type(obj[key]).__name__}", hint=hint)
-        if not obj["answer"]:
-            fail(n, "\"answer\" is empty: there is nothing to score", hint=hint)
-        records.append(Record(obj["prompt"], obj["answer"], n))
-    return records
-
-
-# -------------------------------------------------------------------------------------------- models
-
-
-def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.device:
-    """"auto" gives cuda when torch sees a GPU, else cpu; anything else is passed to torch.device."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise MgcError(f"--device {name} was asked for, but torch sees no CUDA device", hint="use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except (RuntimeError, TypeError):
-        raise MgcError(f"unknown device '{name}'", hint="use auto, cuda or cpu") from None
-
-
-def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", *, allow_pickle: bool = False):
-    """Load a checkpoint folder as (model, tokenizer): AutoModelForCausalLM in float32, in eval mode.
-
-    Only safetensors weights are read unless `allow_pickle` (pickle `*.bin` files can run code).
-    Any failure is a `CheckpointError` naming the folder.
-    """
-    transformers = require("transformers")
-    folder = Path(path)
-    dev = resolve_device(device)
-    model = load_model(folder, allow_pickle=allow_pickle)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:
-        raise CheckpointError(
-            f"{folder}: cannot load the tokenizer: {_first_line(e)}",
-            hint="a merged checkpoint needs tokenizer files: `save ... { tokenizer = base }`",
-        ) from None
-    model = model.to(device=dev, dtype=torch.float32).eval()
-    return model, tokenizer
-
-
-def load_model(folder: Union[str, Path], *, allow_pickle: bool = False):
-    """AutoModelForCausalLM from a checkpoint folder, in float32 on the CPU, from the weights mgc reads.
-
-    mgc reads a folder's safetensors files whenever it has any, and its pickle files only when it has none
-    and pickles are allowed; transformers is told the same (`use_safetensors`). Left to itself, transformers
-    falls back to a pytorch_model.bin beside safetensors files it does not look for (any name but
-    model.safetensors and its index): it would unpickle that file, unasked, and run other weights than the
-    ones mgc merges. Any failure is a `CheckpointError` naming the folder.
-    """
-    from mgc.runtime.checkpoint import show_path, stat_path
-
-    transformers = require("transformers")
-    folder = Path(folder)
-    st = stat_path(folder, None)
-    if st is None or not stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(f"{show_path(folder)}: no such checkpoint folder")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: no config.json in the checkpoint folder")
-    has_safetensors = any(folder.glob("*.safetensors"))
-    if not has_safetensors and not allow_pickle and any(folder.glob("*.bin")):
-        raise CheckpointError(
-            f"{folder}: only pickle (*.bin) weights, which are refused because loading them can run code",
-            hint="pass --allow-pickle (allow_pickle=True) for a checkpoint you trust",
-        )
-    kwargs: dict[str, Any] = {"use_safetensors": has_safetensors or not allow_pickle}
-    version = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
-    kwargs["dtype" if version >= (4, 56) else "torch_dtype"] = torch.float32
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError, safetensors errors...
-        raise CheckpointError(f"{folder}: cannot load the model: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
-def context_length(model, max_length: int) -> int:
-    """`max_length`, capped at the model's `max_position_embeddings` when the config has one."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
+from mgc.compiler.errors import CheckpointError
+from mgc.lm import (  # noqa: F401  (MissingExtraError, require: still importable from here)
+    DataError, Dataset, Item, MissingExtraError, Record, bos, context_length, encode_plain, encode_texts, load,
+    read_data, require, resolve_device,
+)
 
 
 # -------------------------------------------------------------------------------------------- tokens
-
-
-@dataclass
-class Item:
-    """One sequence: token ids, of which ids[start:] are scored (each predicted from the ids before it)."""
-
-    ids: list[int]
-    start: int
-    truncated: bool = False
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
-def _bos(tokenizer) -> list[int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None else []
-
-
-def encode_texts(tokenizer, texts: Iterable[str], max_length: int) -> list[Item]:
-    """BOS + the document's tokens, cut to `max_length`; every token after the first is scored."""
-    if max_length < 2:
-        raise ValueError("max_length must be at least 2")
-    items = []
-    for text in texts:
-        ids = _bos(tokenizer) + _encode(tokenizer, text)
-        truncated = len(ids) > max_length
-        ids = ids[:max_length]
-        if len(ids) >= 2:
-            items.append(Item(ids, 1, truncated))
-    return items
 
 
 def encode_records(tokenizer, records: Iterable[Any], max_length: int) -> list[Item]:
@@ -295,16 +57,16 @@ def encode_records(tokenizer, records: Iterable[Any], max_length: int) -> list[I
         prompt, answer = _prompt_answer(r)
         stripped = prompt.rstrip()
         prompt, answer = stripped, prompt[len(stripped):] + answer
-        bos, p, a = _bos(tokenizer), _encode(tokenizer, prompt), _encode(tokenizer, answer)
-        truncated = len(bos) + len(p) + len(a) > max_length
+        b, p, a = bos(tokenizer), encode_plain(tokenizer, prompt), encode_plain(tokenizer, answer)
+        truncated = len(b) + len(p) + len(a) > max_length
         if truncated:
-            room = max_length - len(bos) - len(a)
+            room = max_length - len(b) - len(a)
             if room >= 0:
                 p = p[len(p) - room:] if room else []
             else:
-                p, a = [], a[: max_length - len(bos)]
-        ids = bos + p + a
-        start = max(len(bos) + len(p), 1)
+                p, a = [], a[: max_length - len(b)]
+        ids = b + p + a
+        start = max(len(b) + len(p), 1)
         if len(ids) > start:
             items.append(Item(ids, start, truncated))
     return items

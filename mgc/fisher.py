@@ -4,9 +4,10 @@ The estimator is the *empirical* diagonal Fisher on the data's own tokens:
 
     F = (1/N) Σₙ (∇_θ log p_θ(xₙ))²,     log p_θ(xₙ) = Σ_{t≥1} log p_θ(xₙ,ₜ | xₙ,<ₜ),
 
-over the first N = `samples` documents xₙ of the file (each tokenized with the checkpoint's own tokenizer,
-special tokens included as the tokenizer adds them, truncated to `max_length` tokens; documents of fewer than
-2 tokens predict nothing and are skipped). The square is entrywise and of *per-sequence* gradients (batch size
+over the first N = `samples` documents xₙ of the file. Documents and tokens are those of `mgc eval` (`mgc.lm`):
+documents are separated by blank lines; each is tokenized with the checkpoint's own tokenizer as BOS + its
+tokens without the tokenizer's other special tokens, truncated to `max_length` tokens; documents of fewer than
+2 tokens predict nothing and are skipped. The square is entrywise and of *per-sequence* gradients (batch size
 1): the mean of squared per-example gradients, as in Matena & Raffel's Fisher merging, not the square of a
 batch-mean gradient. The targets are the data's tokens, not tokens sampled from the model (the "true" Fisher
 would draw y ~ p_θ): this is deterministic (no sampling, so the same inputs give the same Fisher and the cache
@@ -34,7 +35,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -46,8 +46,12 @@ from typing import Optional, Union
 import torch
 
 from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
+from mgc.lm import decode_text, encode_text, load, read_documents, require, resolve_device, split_documents
 
-ESTIMATOR_VERSION = 1
+# 2: documents split and tokenized as `mgc eval` does (mgc.lm): a file without a blank line is one document,
+# and BOS is prepended where a tokenizer has one it does not add itself (GPT-2, Pythia): every earlier cache
+# entry may hold another Fisher, so none is reused
+ESTIMATOR_VERSION = 2
 DEFAULT_SAMPLES = 64
 DEFAULT_MAX_LENGTH = 256
 INFO_FILE = "fisher.json"
@@ -65,18 +69,6 @@ class FisherError(MgcError):
 # --- data --------------------------------------------------------------------------------------------
 
 
-def split_documents(text: str) -> list[str]:
-    """Documents of a text file: paragraphs separated by blank lines when the text has any blank line,
-    else one document per non-empty line. Trailing whitespace is dropped; leading indentation is kept."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    body = text.strip("\n")
-    if re.search(r"\n[ \t]*\n", body):
-        parts = re.split(r"\n(?:[ \t]*\n)+", body)
-    else:
-        parts = body.split("\n")
-    return [p.lstrip("\n").rstrip() for p in parts if p.strip()]
-
-
 @dataclass(frozen=True)
 class DataInfo:
     sha256: str
@@ -91,17 +83,13 @@ def inspect_data(path: PathLike) -> DataInfo:
     except OSError as e:
         raise FisherError(f"cannot read data file '{path}': {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8-sig")
+        text = decode_text(raw)
     except UnicodeDecodeError as e:
         raise FisherError(f"data file '{path}' is not UTF-8 text (byte {e.start})") from None
     docs = split_documents(text)
     if not docs:
         raise FisherError(f"data file '{path}' holds no text", hint="give a text file: documents separated by blank lines")
     return DataInfo(hashlib.sha256(raw).hexdigest(), len(docs))
-
-
-def read_documents(path: PathLike) -> list[str]:
-    return split_documents(Path(path).read_bytes().decode("utf-8-sig"))
 
 
 # --- cache key -----------------------------------------------------------------------------------------
@@ -174,7 +162,7 @@ def fisher_key(
     """sha256 over: the estimator version; the model's config.json bytes; its tokenizer files' bytes (they decide
     the tokens); each weight file's name, size, mtime, safetensors header bytes and sampled tensor bytes; the
     data file's sha256 (its content, not its path); `samples` and `max_length`. Reads headers and a few bytes per
-    tensor, never whole tensors."""
+    tensor, never whole tensors, and the data file unless its sha256 is given."""
     from mgc.runtime.checkpoint import TOKENIZER_FILES
 
     model_dir = Path(model_dir)
@@ -199,17 +187,6 @@ def transformers_available() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise FisherError(
-            f"fisher() needs the transformers package to run the model, and it cannot be imported: {e}",
-            hint="pip install 'mgc[eval]' (or pip install transformers)",
-        ) from None
-    return transformers
-
-
 def estimate_fisher(
     model_dir: PathLike, data_path: PathLike, samples: int = DEFAULT_SAMPLES, max_length: int = DEFAULT_MAX_LENGTH,
     device: str = "auto", *, allow_pickle: bool = False, progress: bool = False,
@@ -220,31 +197,23 @@ def estimate_fisher(
 
 
 def _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, progress):
-    from mgc.evaluate import load_model
     from mgc.runtime.checkpoint import Checkpoint
-    from mgc.runtime.devices import pick_device
 
     if samples < 1:
         raise FisherError(f"samples must be at least 1, got {samples}")
     if max_length < 2:
         raise FisherError(f"max_length must be at least 2 (one token predicted), got {max_length}")
-    transformers = _import_transformers()
+    transformers = require("transformers", "fisher()")
     model_dir, data_path = Path(model_dir), Path(data_path)
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
     ckpt.close()
     docs = read_documents(data_path)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     start = time.perf_counter()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:
-        raise FisherError(f"{model_dir}: cannot load the checkpoint's tokenizer: {e}") from None
     if not progress:
         transformers.utils.logging.disable_progress_bar()
     # The weights mgc validated and merges: safetensors, or pickles only if that is what mgc opened.
-    model = load_model(model_dir, allow_pickle=ckpt.pickled)
-    model.to(device=dev, dtype=torch.float32)
-    model.eval()
+    model, tokenizer = load(model_dir, dev, allow_pickle=ckpt.pickled)
 
     targets = _map_tensors(model, ckpt)
     unique: dict[int, torch.nn.Parameter] = {}
@@ -266,10 +235,10 @@ def _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, p
         for doc in docs:
             if used == samples:
                 break
-            ids = tokenizer(doc, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
-            if ids.shape[1] < 2:
+            item = encode_text(tokenizer, doc, max_length)
+            if item is None:
                 continue
-            ids = ids.to(dev)
+            ids = torch.tensor([item.ids], device=dev)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
             loglik = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).sum()
             grads = torch.autograd.grad(loglik, params, allow_unused=True)

@@ -15,6 +15,7 @@ import mgc.fisher as fz
 from mgc.api import compile_recipe, run as run_recipe
 from mgc.compiler.errors import CheckpointError, MgcError, RecipeNameError, RecipeTypeError
 from mgc.compiler.values import FisherModel
+from mgc.lm import MissingExtraError
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,10 +63,10 @@ def reference_fisher(model_dir: Path, docs: list[str], max_length: int) -> dict[
 # --- the estimator ------------------------------------------------------------------------------------------
 
 
-def test_documents_split_on_blank_lines_else_lines():
+def test_documents_split_on_blank_lines():
     assert fz.split_documents("a\nb\n\n\n  c\n   \nd\n") == ["a\nb", "  c", "d"]
     assert fz.split_documents("one\r\ntwo\n\nthree\n") == ["one\ntwo", "three"]
-    assert fz.split_documents("l1\nl2\n  l3\n") == ["l1", "l2", "  l3"]
+    assert fz.split_documents("l1\nl2\n  l3\n") == ["l1\nl2\n  l3"]  # no blank line: one document, as in mgc eval
     assert fz.split_documents("\n \n") == []
 
 
@@ -282,6 +283,6 @@ def test_errors_are_located(tmp_path, data, monkeypatch):
 
 def test_missing_transformers_is_a_clear_error(data, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)
-    with pytest.raises(fz.FisherError, match="needs the transformers package") as info:
+    with pytest.raises(MissingExtraError, match="fisher\\(\\) needs the optional package 'transformers'") as info:
         fz.estimate_fisher(MODELS / "code", data["code"], samples=1, device="cpu")
     assert "mgc[eval]" in info.value.hint
