@@ -481,7 +481,10 @@ class Checker:
             for name, spec in tensors.items():
                 other = m.tensors.get(name)
                 if other is None:
-                    raise CheckpointError(f"{op.name}(): tensor '{name}' is missing from {_describe(m)}", span)
+                    raise CheckpointError(
+                        f"{op.name}(): tensor '{name}' is missing from {_describe(m)}", span,
+                        f"the inputs of {op.name}() must hold the same tensors",
+                    )
                 _same_shape(name, spec, other, span)
             extra = [name for name in m.tensors if name not in tensors]
             if extra:
@@ -724,7 +727,7 @@ def _describe(m: ModelValue) -> str:
         return f"checkpoint {m.checkpoint.path}"
     if isinstance(m, FisherModel):
         return f"the Fisher of checkpoint {m.model.checkpoint.path}"
-    return f"the model at {m.span}"
+    return "this model"
 
 
 def _respan(value: Value, span: Span) -> Value:
