@@ -149,21 +149,35 @@ class Save:
 Statement = Union[Assign, Def, Save]
 
 
-def nesting(expr: Expr) -> int:
-    """The levels of calls, lists, tables, `with` and `.layers[...]` in an expression (walked iteratively)."""
-    deepest, todo = 0, [(expr, 0)]
+def _levels(expr: Expr, limit: Optional[int] = None):
+    """(node, its level) for the nodes of an expression that are a level of nesting (calls, lists, tables,
+    `with` and `.layers[...]`; the table of a `with` belongs to the `with`), walked iteratively. Below a node
+    at a level past `limit`, nothing more is walked."""
+    todo = [(expr, 0)]
     while todo:
         x, level = todo.pop()
         if isinstance(x, (Call, List, Table, With, LayerSlice)):
             level += 1
-            deepest = max(deepest, level)
+            yield x, level
+            if limit is not None and level > limit:
+                continue
         kids = (list(x.args) + [k.value for k in x.kwargs] if isinstance(x, Call) else
                 x.items if isinstance(x, List) else
                 [e.value for e in x.entries] if isinstance(x, Table) else
                 [x.value] + [e.value for e in x.table.entries] if isinstance(x, With) else
                 [x.value] if isinstance(x, LayerSlice) else ())
         todo.extend((k, level) for k in kids)
-    return deepest
+
+
+def nesting(expr: Expr) -> int:
+    """The levels of nesting in an expression (see _levels)."""
+    return max((level for _, level in _levels(expr)), default=0)
+
+
+def too_deep(expr: Expr, limit: int = MAX_NESTING) -> Optional[Expr]:
+    """The first node, in the text, that is nested deeper than `limit` levels; None if there is none."""
+    beyond = [x for x, level in _levels(expr, limit) if level > limit]
+    return min(beyond, key=lambda x: (x.span.line, x.span.col), default=None)
 
 
 @dataclass(frozen=True)

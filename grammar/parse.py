@@ -19,7 +19,6 @@ KEYWORDS = {"def", "save", "to", "with"}
 # The checker, lowering and the per-tensor parameter lookups recurse once per level of nesting, so it is
 # bounded here (and, summed along chains of def calls, in the checker) far below Python's recursion limit.
 MAX_NESTING = ast.MAX_NESTING
-NESTING = {"call", "list", "table", "with_", "layer_slice"}
 INT_RANGE = (-(2**63), 2**63 - 1)
 
 
@@ -59,47 +58,45 @@ def parse(text: str, name: str = "<recipe>") -> ast.Recipe:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, source) from None
-    _check_tree(tree, source)
+    _check_keywords(tree, source)
     try:
         statements = _ToAst(source).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, MgcError):
             raise e.orig_exc from None
         raise
+    _check_nesting(statements)
     return ast.Recipe(tuple(statements), source)
 
 
-def _check_tree(tree: Tree, source: Source) -> None:
-    """Names that are keywords, and nesting deeper than MAX_NESTING (walked iteratively, never past it)."""
+def _check_keywords(tree: Tree, source: Source) -> None:
+    """Names that are keywords (walked iteratively: the tree may be nested deeply)."""
     keywords: list[Token] = []
-    too_deep: list[Tree] = []
-    todo = [(tree, 0)]
+    todo = [tree]
     while todo:
-        node, depth = todo.pop()
+        node = todo.pop()
         if isinstance(node, Token):
             if node.type == "NAME" and str(node) in KEYWORDS:
                 keywords.append(node)
         elif isinstance(node, Tree):
-            if node.data in NESTING:
-                depth += 1
-                if depth > MAX_NESTING:
-                    too_deep.append(node)
-                    continue
-            children = node.children
-            if node.data == "with_":  # the table of `m with {...}` is part of the `with`, not a level of its own
-                children = [children[0], *children[1].children]
-            todo.extend((c, depth) for c in children)
+            todo.extend(node.children)
     if keywords:
         first = min(keywords, key=lambda t: (t.line, t.column))
         raise RecipeSyntaxError(f"'{first}' is a keyword and cannot be a name", _span(source, first))
-    if too_deep:
-        node = min(too_deep, key=lambda t: (t.meta.line, t.meta.column))
-        if node.data == "with_":  # point at the `{` after the `with`, not at the start of the chain
-            node = node.children[1]
-        line, col = node.meta.line, node.meta.column
+
+
+def _check_nesting(statements) -> None:
+    """Nesting deeper than MAX_NESTING, reported at the first node past it."""
+    found = []
+    for stmt in statements:
+        exprs = [stmt.body] if isinstance(stmt, ast.Def) else [stmt.value] + [o.value for o in getattr(stmt, "options", ())]
+        found += [x for x in map(ast.too_deep, exprs) if x is not None]
+    if found:
+        node = min(found, key=lambda x: (x.span.line, x.span.col))
+        span = node.table.span if isinstance(node, ast.With) else node.span  # a `with`: at its `{`
         raise RecipeSyntaxError(
             f"nested too deeply: more than {MAX_NESTING} levels of calls, lists, tables and `with`",
-            Span(source, line, col, line, col + 1), "name the inner parts: `x = ...`, then use x",
+            Span(span.source, span.line, span.col, span.line, span.col + 1), "name the inner parts: `x = ...`, then use x",
         )
 
 
