@@ -37,6 +37,13 @@ def _split(tensor: str) -> Optional[tuple[str, int, str]]:
     return None
 
 
+def numbered_prefix(tensor: str) -> str:
+    """The name up to its first number (`visual.merger.mlp` of `visual.merger.mlp.0.weight`): a selector for
+    the tensors numbered under it."""
+    split = _split(tensor)
+    return tensor if split is None else split[0].rstrip(".")
+
+
 def leading_index(tensor: str) -> Optional[int]:
     """The first number in a tensor's name: an ordering key (block by block), not a placement."""
     split = _split(tensor)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from mgc.stdlib.operator import Operator
 
 from .errors import RecipeNameError, RecipeTypeError, Span, did_you_mean
-from .layers import LayerMap, Unplaced, interpolate
+from .layers import LayerMap, Unplaced, interpolate, numbered_prefix
 from .values import Bool, ListV, Num, Str, TableV, Value, kind_of
 
 MISSING = object()
@@ -72,13 +72,11 @@ def _position(gradient: ListV, tensor: str, layers: LayerMap, param: str) -> flo
         return 0.0
     place = layers.place(tensor)
     if isinstance(place, Unplaced):
-        prefix = tensor.split(".")
-        cut = next(k for k, part in enumerate(prefix) if part.isdigit())
         raise RecipeTypeError(
             f"the gradient of '{param}' cannot be applied to tensor '{tensor}': mgc cannot place it in a layer stack",
             gradient.span,
             f"give these tensors a value of their own in a table before the gradient, e.g. "
-            f"{param} = {{ \"{'.'.join(prefix[:cut])}\": 0.5, _: [...] }}",
+            f"{param} = {{ \"{numbered_prefix(tensor)}\": 0.5, _: [...] }}",
         )
     return place.position()
 

@@ -16,7 +16,7 @@ import torch
 from mgc.stdlib.operator import Operator
 
 from .errors import RecipeTypeError, Span
-from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced
+from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced, numbered_prefix
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Selector:
                 raise RecipeTypeError(
                     f"{self} cannot tell whether tensor '{tensor}' is in those layers: mgc cannot place its number "
                     "in a layer stack", self.span,
-                    f"give these tensors an entry of their own before this one, e.g. \"{_numbered_prefix(tensor)}\": ...",
+                    f"give these tensors an entry of their own before this one, e.g. \"{numbered_prefix(tensor)}\": ...",
                 )
             if layers.ambiguous and place.stack is not None:
                 shown = ", ".join(f"'{s.prefix}' ({s.count})" for s in layers.stacks)
@@ -90,14 +90,6 @@ class Selector:
         if self.kind == "layers":
             return f"layers[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]"
         return self.pattern
-
-
-def _numbered_prefix(tensor: str) -> str:
-    parts = tensor.split(".")
-    for k, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[:k])
-    return tensor
 
 
 @dataclass(frozen=True)
