@@ -16,12 +16,15 @@ from typing import Optional
 
 import torch
 
-from mgc.stdlib import OPERATORS
-
-from . import ast
-from .errors import (
+from mgc.core import hub
+from mgc.core.checkpoint import Checkpoint, resolve_checkpoint_path
+from mgc.core.errors import (
     CheckpointError, MgcError, MgcErrors, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, Span, did_you_mean, end_of,
 )
+from mgc.grammar import ast
+from mgc.stdlib import OPERATORS
+
+from . import fisher_cache
 from .layers import layer_map
 from .params import bind, resolve_all, unmatched_selectors
 from .values import (
@@ -252,10 +255,8 @@ class Checker:
         arg = self.eval(e.args[0], env, stack)
         if not isinstance(arg, Str):
             raise RecipeTypeError(f"model() takes a path string, not {kind_of(arg)}", e.args[0].span)
-        from mgc.runtime import hub
-        from mgc.runtime.checkpoint import resolve_checkpoint_path
 
-        # only an explicit hf://org/name is fetched (runtime/hub.py); anything else is a local path
+        # only an explicit hf://org/name is fetched (mgc/core/hub.py); anything else is a local path
         if hub.looks_like_hub_id(arg.value):
             path = resolve_checkpoint_path(str(hub.fetch(arg.value, arg.span)), self.base_dir, arg.span)
         else:
@@ -264,7 +265,6 @@ class Checker:
                 raise hub.not_found(arg.value, self.base_dir, arg.span)
         ckpt = self.checkpoints.get(path)
         if ckpt is None:
-            from mgc.runtime.checkpoint import Checkpoint
 
             try:
                 ckpt = Checkpoint.open(path, allow_pickle=self.allow_pickle, span=arg.span)
@@ -283,8 +283,7 @@ class Checker:
 
     def _fisher(self, e: ast.Call, env, stack) -> FisherModel:
         """`fisher(m, data = "file.txt", samples = 64, max_length = 256)`: checked here, computed before the run."""
-        from mgc import fisher as fz
-
+        
         usage = 'fisher(m, data = "file.txt", samples = 64, max_length = 256)'
         if len(e.args) != 1:
             raise RecipeTypeError(f"fisher() takes one model, got {len(e.args)} positional arguments", e.span, f"write {usage}")
@@ -310,8 +309,8 @@ class Checker:
         data = self.eval(opts["data"].value, env, stack)
         if not isinstance(data, Str):
             raise RecipeTypeError(f"fisher()'s data must be a path string, not {kind_of(data)}", opts["data"].value.span)
-        samples = self._count_option(opts.get("samples"), fz.DEFAULT_SAMPLES, 1, env, stack)
-        max_length = self._count_option(opts.get("max_length"), fz.DEFAULT_MAX_LENGTH, 2, env, stack)
+        samples = self._count_option(opts.get("samples"), fisher_cache.DEFAULT_SAMPLES, 1, env, stack)
+        max_length = self._count_option(opts.get("max_length"), fisher_cache.DEFAULT_MAX_LENGTH, 2, env, stack)
         try:
             path = (self.base_dir / os.path.expanduser(data.value)).resolve()
             is_file, exists = path.is_file(), path.exists()
@@ -324,7 +323,7 @@ class Checker:
                 "paths are relative to the working directory; fisher() reads a text file, documents separated by blank lines",
             )
         try:
-            info = fz.inspect_data(path)
+            info = fisher_cache.inspect_data(path)
         except MgcError as err:
             raise CheckpointError(err.message, data.span, err.hint) from None
         ckpt = model.checkpoint
@@ -333,11 +332,11 @@ class Checker:
                 f"{ckpt.path}: no tokenizer files, which fisher() needs to tokenize the data", e.args[0].span,
             )
         try:
-            key = fz.fisher_key(ckpt.path, path, samples, max_length, data_sha256=info.sha256)
+            key = fisher_cache.fisher_key(ckpt.path, path, samples, max_length, data_sha256=info.sha256)
         except OSError as err:
             raise CheckpointError(f"{ckpt.path}: cannot read: {err.strerror or err}", e.args[0].span) from None
-        cache = fz.cache_path(key)
-        if not fz.is_cached(cache) and not fz.transformers_available():
+        cache = fisher_cache.cache_path(key)
+        if not fisher_cache.is_cached(cache) and not fisher_cache.transformers_available():
             raise MgcError(
                 "fisher() needs the transformers package to estimate a Fisher that is not cached yet", e.func_span,
                 "pip install 'mgc[eval]' (or pip install transformers)",

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Union
 import networkx as nx
 import torch
 
-from .errors import Span
+from mgc.core.errors import Span
 
 
 def _itemsize(dtype: torch.dtype) -> int:

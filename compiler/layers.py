@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
-from .errors import CheckpointError
+from mgc.core.errors import CheckpointError
 
 STACK_WORDS = frozenset({"layers", "layer", "h", "blocks", "block"})
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

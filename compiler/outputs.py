@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
-from .errors import MgcErrors, OutputError
+from mgc.core.errors import MgcErrors, OutputError
 
 Inputs = Union[Mapping[Path, str], Iterable[Path]]
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from mgc.stdlib.operator import Operator
 
-from .errors import RecipeNameError, RecipeTypeError, Span, did_you_mean
+from mgc.core.errors import RecipeNameError, RecipeTypeError, Span, did_you_mean
 from .layers import LayerMap, Unplaced, interpolate, numbered_prefix
 from .values import Bool, ListV, Num, Str, TableV, Value, kind_of
 

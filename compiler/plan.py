@@ -11,8 +11,9 @@ import torch
 from mgc.stdlib import OPERATORS
 from mgc.stdlib.slices import GRAM_BUFFER, SLICE
 
-from . import ast
+from mgc.grammar import ast
 from .check import Program
+from .fisher_cache import plan_lines
 from .ir import Apply, Graph, Load, Save, _itemsize, saved_dtype_results
 from .passes import PassReport
 
@@ -114,8 +115,6 @@ class Plan:
         if self.program.unused:
             lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
         if getattr(self.program, "fishers", None):
-            from mgc.fisher import plan_lines
-
             lines += plan_lines(self)
         return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import torch
 
 from mgc.stdlib.operator import Operator
 
-from .errors import RecipeTypeError, Span
+from mgc.core.errors import RecipeTypeError, Span
 from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced, numbered_prefix
 
 
@@ -158,7 +158,7 @@ class ModelValue:
 
 @dataclass(eq=False)
 class CheckpointModel(ModelValue):
-    checkpoint: Any  # mgc.runtime.checkpoint.Checkpoint
+    checkpoint: Any  # mgc.core.checkpoint.Checkpoint
     span: Span
     tensors: dict[str, TensorSpec]
     layers: LayerMap

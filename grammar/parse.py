@@ -1,4 +1,4 @@
-"""Parse .merge text into the AST of mgc.compiler.ast, with a Span on every node."""
+"""Parse .merge text into the AST of mgc.grammar.ast, with a Span on every node."""
 from __future__ import annotations
 
 import ast as pyast
@@ -11,8 +11,8 @@ from typing import Optional
 from lark import Lark, Token, Transformer_NonRecursive, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from mgc.compiler import ast
-from mgc.compiler.errors import MgcError, RecipeSyntaxError, Source, Span, end_of
+from mgc.grammar import ast
+from mgc.core.errors import MgcError, RecipeSyntaxError, Source, Span, end_of
 
 GRAMMAR = Path(__file__).with_name("merge.lark")
 KEYWORDS = {"def", "save", "to", "with"}

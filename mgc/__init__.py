@@ -2,7 +2,7 @@
 from mgc.gcpause import gc_paused
 
 with gc_paused():  # importing torch and the operator schemas builds many objects
-    from mgc.compiler.errors import MgcError
+    from mgc.core.errors import MgcError
     from mgc.api import compile_recipe, run
 
 __all__ = ["MgcError", "compile_recipe", "run"]

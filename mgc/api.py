@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from mgc.compiler.check import Program, check
-from mgc.compiler.errors import OutputError
+from mgc.core.errors import OutputError
 from mgc.compiler.lower import lower
 from mgc.compiler.outputs import check_output_paths, program_inputs
 from mgc.compiler.passes import PASSES, optimize

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from mgc.compiler.errors import MgcError
+from mgc.core.errors import MgcError
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -170,7 +170,7 @@ def graph(recipe, unoptimized):
 @click.option("--markdown", is_flag=True, help="The operator table in Markdown, as in the README.")
 def ops(name, markdown):
     """List the merge operators, or show one operator's parameters."""
-    from mgc.compiler.errors import RecipeNameError, did_you_mean
+    from mgc.core.errors import RecipeNameError, did_you_mean
     from mgc.opdocs import describe, inputs_text, markdown_table
     from mgc.stdlib import OPERATORS
 
@@ -299,7 +299,7 @@ def diagnose(models, data, out_dir, device, max_tokens, max_length, rtol, bootst
     except MgcError as e:
         _fail(e)
     except OSError as e:
-        from mgc.compiler.errors import OutputError
+        from mgc.core.errors import OutputError
 
         _fail(OutputError(f"{out_dir}: cannot write the diagnostics: {e}"))
     click.echo(format_table(results))

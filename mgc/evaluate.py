@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from mgc.compiler.errors import CheckpointError
+from mgc.core.errors import CheckpointError
 from mgc.lm import (  # noqa: F401  (MissingExtraError, require: still importable from here)
     DataError, Dataset, Item, MissingExtraError, Record, bos, context_length, encode_plain, encode_texts, load,
     read_data, require, resolve_device,

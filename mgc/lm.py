@@ -5,10 +5,7 @@ turns a document into token ids.
 `transformers` is an optional dependency (the `mgc[eval]` extra); it is imported only inside the functions
 that need it, so `import mgc` and the merge path never import it.
 
-* Documents. A plain-text file is UTF-8 (a leading byte-order mark is dropped); its documents are runs of
-  non-blank lines separated by one or more blank lines (lines that are empty or only whitespace). A
-  document's lines are joined with "\\n" (line breaks may be \\n, \\r\\n or \\r); its leading indentation is
-  kept and its trailing whitespace dropped. A file without a blank line is one document.
+* Documents: see mgc.core.documents.
 * Tokenization. A document is encoded without the tokenizer's own special tokens, and the tokenizer's BOS
   token (if it has one) is prepended by hand, so every tokenizer is treated the same way whatever its
   post-processor does. BOS is context only: it is never a predicted token; a tokenizer without a BOS
@@ -19,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +23,15 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 
-from mgc.compiler.errors import CheckpointError, MgcError, Source, Span
+from mgc.core.devices import resolve_device  # noqa: F401  (re-exported: the one device choice)
+from mgc.core.documents import DataError, decode_text, read_documents, read_text, split_documents  # noqa: F401
+from mgc.core.errors import CheckpointError, MgcError, Source, Span
 
 EXTRA_HINT = "pip install 'mgc[eval]'"
 
 
 class MissingExtraError(MgcError, ImportError):
     """An optional dependency of `mgc eval`, `mgc diagnose` or `fisher()` (the `mgc[eval]` extra) is missing."""
-
-
-class DataError(MgcError):
-    """A data file is missing, empty or malformed."""
 
 
 def require(module: str, user: str = "this command"):
@@ -51,55 +45,7 @@ def require(module: str, user: str = "this command"):
         ) from None
 
 
-def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.device:
-    """"auto" gives cuda when torch sees a GPU, else cpu; anything else is passed to torch.device."""
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise MgcError(f"--device {name} was asked for, but torch sees no CUDA device", hint="use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except (RuntimeError, TypeError):
-        raise MgcError(f"unknown device '{name}'", hint="use auto, cuda or cpu") from None
-
-
 # --------------------------------------------------------------------------------------------- data
-
-
-def read_text(path: Union[str, Path]) -> str:
-    """A data file's text: UTF-8 without a byte-order mark, line breaks turned into "\\n"."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    try:
-        return decode_text(path.read_bytes())
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as UTF-8 text: {e}") from None
-
-
-def decode_text(raw: bytes) -> str:
-    """UTF-8 bytes as text without a byte-order mark, line breaks turned into "\\n"."""
-    return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def split_documents(text: str) -> list[str]:
-    """The documents of a plain-text file (see the module docstring): blank-line-separated paragraphs."""
-    docs, current = [], []
-    for line in re.split(r"\r\n|\r|\n", text):
-        if line.strip():
-            current.append(line)
-        elif current:
-            docs.append("\n".join(current).rstrip())
-            current = []
-    if current:
-        docs.append("\n".join(current).rstrip())
-    return docs
-
-
-def read_documents(path: Union[str, Path]) -> list[str]:
-    return split_documents(read_text(path))
 
 
 @dataclass(frozen=True)
@@ -215,7 +161,7 @@ def load_model(folder: Union[str, Path], *, allow_pickle: bool = False):
     model.safetensors and its index): it would unpickle that file, unasked, and run other weights than the
     ones mgc merges. Any failure is a `CheckpointError` naming the folder.
     """
-    from mgc.runtime.checkpoint import show_path, stat_path
+    from mgc.core.checkpoint import show_path, stat_path
 
     transformers = require("transformers")
     folder = Path(folder)

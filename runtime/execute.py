@@ -16,14 +16,14 @@ from typing import Optional
 
 import torch
 
-from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError
+from mgc.core.errors import CheckpointError, MergeRuntimeError, MgcError
 from mgc.compiler.ir import Apply, Graph, Load, Save, saved_dtype_results
 from mgc.compiler.plan import format_bytes
 from mgc.stdlib import OPERATORS
 from mgc.stdlib.slices import SLICE, slice_size, spans
 
 from .allocator import keep_freed_memory
-from .devices import pick_device
+from mgc.core.devices import resolve_device
 from .output import StagedOutput, check_target, clean_stale
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
@@ -55,7 +55,7 @@ def execute(
     """
     start = time.perf_counter()
     keep_freed_memory()
-    dev = pick_device(device)
+    dev = resolve_device(device)
     graph: Graph = plan.graph
     for save in plan.program.saves:
         clean_stale(save.path)  # first: it may put back an output that an interrupted --force had moved aside

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mgc.compiler.errors import OutputError, Span
+from mgc.core.errors import OutputError, Span
 
 from .writer import ShardedWriter
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .checkpoint import DTYPE_CODES, INDEX_FILE
+from mgc.core.checkpoint import DTYPE_CODES, INDEX_FILE
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mgc.api import compile_recipe
 from mgc.cli import main
 from mgc.compiler.check import parse_size
-from mgc.compiler.errors import CheckpointError, MgcError, RecipeSyntaxError
+from mgc.core.errors import CheckpointError, MgcError, RecipeSyntaxError
 from mgc.grammar import parse, parse_file
 from mgc.grammar.parse import MAX_NESTING
 

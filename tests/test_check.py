@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from mgc.api import compile_recipe
 from mgc.cli import main
 from mgc.compiler.check import Program, check
-from mgc.compiler.errors import (
+from mgc.core.errors import (
     CheckpointError, MgcError, MgcErrors, RecipeNameError, RecipeSyntaxError, RecipeTypeError,
 )
 from mgc.compiler.layers import layer_map

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mgc.compiler.errors import CheckpointError, Source, Span
-from mgc.runtime.checkpoint import INDEX_FILE, Checkpoint, resolve_checkpoint_path
+from mgc.core.errors import CheckpointError, Source, Span
+from mgc.core.checkpoint import INDEX_FILE, Checkpoint, resolve_checkpoint_path
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 
@@ -175,7 +175,7 @@ def test_file_truncated_after_opening(tmp_path):
 
 def test_short_reads_are_continued(tmp_path, monkeypatch):
     """read(2) returns at most ~2 GiB on Linux, so a big tensor's bytes come in several reads (simulated)."""
-    import mgc.runtime.checkpoint as checkpoint_module
+    import mgc.core.checkpoint as checkpoint_module
 
     class Trickle:
         def __init__(self, f):

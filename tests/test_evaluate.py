@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from click.testing import CliRunner  # noqa: E402
 
 from mgc.cli import main  # noqa: E402
-from mgc.compiler.errors import CheckpointError  # noqa: E402
+from mgc.core.errors import CheckpointError  # noqa: E402
 from mgc.evaluate import (  # noqa: E402
     DataError, Item, MissingExtraError, Record, answer_accuracy, encode_records, evaluate, load, mean_kl, perplexity,
     read_data, token_stats,

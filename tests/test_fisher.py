@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import mgc.fisher as fz
 from mgc.api import compile_recipe, run as run_recipe
-from mgc.compiler.errors import CheckpointError, MgcError, RecipeNameError, RecipeTypeError
+from mgc.core import documents
+from mgc.compiler import fisher_cache
+from mgc.core.errors import CheckpointError, MgcError, RecipeNameError, RecipeTypeError
 from mgc.compiler.values import FisherModel
 from mgc.lm import MissingExtraError
 
@@ -64,10 +66,10 @@ def reference_fisher(model_dir: Path, docs: list[str], max_length: int) -> dict[
 
 
 def test_documents_split_on_blank_lines():
-    assert fz.split_documents("a\nb\n\n\n  c\n   \nd\n") == ["a\nb", "  c", "d"]
-    assert fz.split_documents("one\r\ntwo\n\nthree\n") == ["one\ntwo", "three"]
-    assert fz.split_documents("l1\nl2\n  l3\n") == ["l1\nl2\n  l3"]  # no blank line: one document, as in mgc eval
-    assert fz.split_documents("\n \n") == []
+    assert documents.split_documents("a\nb\n\n\n  c\n   \nd\n") == ["a\nb", "  c", "d"]
+    assert documents.split_documents("one\r\ntwo\n\nthree\n") == ["one\ntwo", "three"]
+    assert documents.split_documents("l1\nl2\n  l3\n") == ["l1\nl2\n  l3"]  # no blank line: one document, as in mgc eval
+    assert documents.split_documents("\n \n") == []
 
 
 def test_fisher_matches_direct_autograd(data):
@@ -275,7 +277,7 @@ def test_errors_are_located(tmp_path, data, monkeypatch):
     assert "holds no text" in err.message
     assert_at(err, text, f'"{tmp_path / "empty.txt"}"')
 
-    monkeypatch.setattr(fz, "transformers_available", lambda: False)
+    monkeypatch.setattr(fisher_cache, "transformers_available", lambda: False)
     err, text = check_error(tmp_path, data, 'fa = fisher(code, data = "CODE")\nsave fa to "o"\n')
     assert "transformers" in err.message and "mgc[eval]" in err.hint
     assert_at(err, text, "fisher(code")

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from mgc.api import compile_recipe
 from mgc.cli import main
-from mgc.compiler.errors import MgcError, MgcErrors
+from mgc.core.errors import MgcError, MgcErrors
 from mgc.stdlib import OPERATORS
 
 from conftest import EXAMPLES

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mgc.api import compile_recipe
-from mgc.compiler.errors import MgcError
+from mgc.core.errors import MgcError
 from mgc.gcpause import gc_paused
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mgc.api import compile_recipe
-from mgc.compiler.errors import MgcError
+from mgc.core.errors import MgcError
 
 REPO = Path(__file__).resolve().parents[1]
 INVALID = REPO / "tests" / "fixtures" / "invalid"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mgc.compiler import ast
-from mgc.compiler.errors import MgcError, RecipeSyntaxError
+from mgc.grammar import ast
+from mgc.core.errors import MgcError, RecipeSyntaxError
 from mgc.grammar import parse, parse_file
 
 ROOT = Path(__file__).resolve().parents[1]

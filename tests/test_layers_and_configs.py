@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mgc.api import compile_recipe, run
-from mgc.compiler.errors import CheckpointError, MgcError, RecipeTypeError
+from mgc.core.errors import CheckpointError, MgcError, RecipeTypeError
 from mgc.compiler.layers import layer_map
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,8 @@ import mgc.diagnose as diagnose
 import mgc.evaluate as evaluate
 import mgc.fisher as fz
 import mgc.lm as lm
-from mgc.compiler.errors import MgcError
+from mgc.core.errors import MgcError
+from mgc.compiler import fisher_cache
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 
@@ -46,7 +47,7 @@ def test_fisher_keys_of_the_former_estimator_are_never_reused(tmp_path, monkeypa
     data = tmp_path / "l.txt"
     data.write_bytes(FILES["no blank line"])
     key = fz.fisher_key(MODELS / "code", data)
-    monkeypatch.setattr(fz, "ESTIMATOR_VERSION", 1)
+    monkeypatch.setattr(fisher_cache, "ESTIMATOR_VERSION", 1)
     assert fz.fisher_key(MODELS / "code", data) != key
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mgc.api import compile_recipe, run
-from mgc.compiler.errors import MgcError, RecipeNameError, RecipeTypeError
+from mgc.core.errors import MgcError, RecipeNameError, RecipeTypeError
 from mgc.compiler.ir import Save
 from mgc.stdlib import OPERATORS
 

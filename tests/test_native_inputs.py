@@ -642,7 +642,7 @@ def test_mgc_malloc_default_leaves_the_allocator_alone():
 
 
 def test_a_result_that_overflows_a_float16_save_is_an_error_on_both_paths():
-    from mgc.compiler.errors import MergeRuntimeError
+    from mgc.core.errors import MergeRuntimeError
 
     params = OPERATORS["linear"].params(weights=[1.0, 1.0], normalize=False)
     p = Apply("linear", params, False, "w", (4,))

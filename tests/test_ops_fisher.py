@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mgc.api import compile_recipe, run as run_recipe
-from mgc.compiler.errors import CheckpointError, MgcError, RecipeTypeError
+from mgc.core.errors import CheckpointError, MgcError, RecipeTypeError
 from mgc.stdlib import OPERATORS
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"

@@ -24,7 +24,7 @@ import mgc.runtime.output as output_module
 import mgc.runtime.writer as writer_module
 from mgc.api import compile_recipe, run
 from mgc.cli import main
-from mgc.compiler.errors import MgcErrors, OutputError, Source, Span
+from mgc.core.errors import MgcErrors, OutputError, Source, Span
 from mgc.compiler.outputs import check_output_paths, program_inputs
 from mgc.runtime.output import StagedOutput, clean_stale
 from mgc.runtime.signals import Terminated, terminate_on_signals

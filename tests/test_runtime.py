@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import mgc.runtime.checkpoint as checkpoint_module
+import mgc.core.checkpoint as checkpoint_module
 from mgc.api import run
 from mgc.compiler.ir import Load
-from mgc.compiler.errors import CheckpointError, MergeRuntimeError, MgcError, OutputError
-from mgc.runtime.checkpoint import INDEX_FILE, Checkpoint, read_header
+from mgc.core.errors import CheckpointError, MergeRuntimeError, MgcError, OutputError
+from mgc.core.checkpoint import INDEX_FILE, Checkpoint, read_header
 from mgc.runtime.writer import ShardedWriter, plan_shards
 
 # ---------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mgc.api import compile_recipe
-from mgc.compiler.errors import MergeRuntimeError
+from mgc.core.errors import MergeRuntimeError
 from mgc.runtime.execute import execute
 from mgc.runtime.streams import Prefetcher, WriterThread
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .errors import Source, Span
+from mgc.core.errors import Source, Span
 
 # Levels of calls, lists, tables, `with` and `.layers[...]` one expression may nest (the parser refuses
 # deeper ones; the checker adds up the levels of def bodies called within each other). The checker and

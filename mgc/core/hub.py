@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from mgc.compiler.errors import CheckpointError, Span
+from mgc.core.errors import CheckpointError, Span
 
 PREFIX = "hf://"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from mgc.compiler.errors import CheckpointError, Span
+from mgc.core.errors import CheckpointError, Span
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
