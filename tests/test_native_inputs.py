@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mgc.runtime.apply as ap
 import mgc.runtime.execute as ex
 import mgc.stdlib.karcher as karcher
 import mgc.stdlib.linear as linear
@@ -649,9 +650,9 @@ def test_a_result_that_overflows_a_float16_save_is_an_error_on_both_paths():
     big = torch.full((4,), 40000.0, dtype=torch.bfloat16)
     # written in float16 by the operator: the check sees the Inf and names the dtype
     with pytest.raises(MergeRuntimeError, match="float16"):
-        ex._apply(p, [big, big], torch.device("cpu"), torch.float16)
+        ap.run_apply(p, [big, big], torch.device("cpu"), torch.float16)
     # computed in float32 (79872, finite), then cast at the save
-    result = ex._apply(p, [big, big], torch.device("cpu"), torch.float32)
+    result = ap.run_apply(p, [big, big], torch.device("cpu"), torch.float32)
     assert float(result[0]) == 79872.0
     save = Save(Path("/tmp/out"), "w", (4,), torch.float16)
     with pytest.raises(MergeRuntimeError, match="overflows float16"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mgc.runtime.execute import tensor_generator
+from mgc.runtime.apply import tensor_generator
 from mgc.stdlib import OPERATORS
 
 NEW = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce")

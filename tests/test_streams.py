@@ -74,7 +74,7 @@ def test_max_memory_below_the_plan_estimate_is_refused_before_anything_is_writte
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "passthrough"])
 def test_elementwise_ops_on_large_tensors_run_in_slices_with_the_same_bytes(name, monkeypatch):
     from mgc.compiler.ir import Apply
-    from mgc.runtime import execute as ex
+    from mgc.runtime import apply as ex
     from mgc.stdlib import OPERATORS
 
     monkeypatch.setattr(ex, "ELEMENTWISE_SLICE", 1000)  # 10 slices, the last one partial
@@ -85,7 +85,7 @@ def test_elementwise_ops_on_large_tensors_run_in_slices_with_the_same_bytes(name
                                        if name == "task_arithmetic" else {"weights": [1.0, 2.0, 3.0]}))
     p = Apply(name, params, name == "task_arithmetic", "t", (95, 100))
     shaped = [x.reshape(95, 100) for x in xs]
-    sliced = ex._apply(p, list(shaped), torch.device("cpu"))
+    sliced = ex.run_apply(p, list(shaped), torch.device("cpu"))
     whole = ex._apply_whole(OPERATORS[name], p, list(shaped), torch.device("cpu"))
     assert sliced.shape == (95, 100)
     assert torch.equal(sliced, whole)
