@@ -3,11 +3,17 @@
 Node ids are ints; each node's attribute ``node`` holds its payload (a frozen
 dataclass below) and ``inputs`` the ordered tuple of input node ids (an input may
 appear twice, as in slerp(a, a)). Edges mirror ``inputs`` for traversal.
+
+A payload's identity (``key()``) is every field the runtime reads to compute it; only fields declared
+``label`` (names and spans for messages) are left out. Two nodes with equal keys and equal inputs compute
+the same bytes, which is what lets common-subexpression elimination merge them.
+
+A graph is frozen once built: a pass works on a copy (``Graph.edited()``) and returns it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -21,15 +27,25 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def label_field(*default: Any) -> Any:
+    """A field that names a node in messages and never changes what it computes: not part of its identity."""
+    return field(compare=False, metadata={"label": True}, **({"default": default[0]} if default else {}))
+
+
+class Node:
+    def key(self) -> tuple:
+        """Everything the runtime reads to compute this node, besides its inputs."""
+        return (type(self).__name__.lower(),) + tuple(
+            _frozen(getattr(self, f.name)) for f in fields(self) if not f.metadata.get("label")
+        )
+
+
 @dataclass(frozen=True)
-class Load:
+class Load(Node):
     checkpoint: Path
     tensor: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    def key(self) -> tuple:
-        return ("load", self.checkpoint, self.tensor)
 
     @property
     def nbytes(self) -> int:
@@ -40,22 +56,18 @@ class Load:
 
 
 @dataclass(frozen=True)
-class Apply:
+class Apply(Node):
     op: str
     params: Any  # the operator's validated pydantic params
     has_base: bool
-    tensor: str  # the output tensor this was lowered for (for messages)
+    tensor: str = label_field()  # the output tensor this was lowered for
     shape: tuple[int, ...]
-    span: Optional[Span] = field(default=None, compare=False)
+    span: Optional[Span] = label_field(None)
     # model-valued parameters: (name, count) of the inputs that follow the models, in order
     aux: tuple[tuple[str, int], ...] = ()
-    # the tensor name that seeds a random operator's draws (None for the others): it changes the result,
-    # so it is part of the node's identity, unlike `tensor`, which only names the node in messages
+    # the tensor name that seeds a random operator's draws (None for the others): unlike `tensor`, it
+    # changes the result
     seed_tensor: Optional[str] = None
-
-    def key(self) -> tuple:
-        """Everything the runtime reads to compute this node, besides its inputs."""
-        return ("apply", self.op, params_key(self.params), self.has_base, self.aux, self.seed_tensor)
 
     def split(self, inputs: list) -> tuple[Optional[object], list, dict[str, list]]:
         """(base, models, {aux name: inputs}) from the flat input list."""
@@ -81,14 +93,11 @@ class Apply:
 
 
 @dataclass(frozen=True)
-class Save:
+class Save(Node):
     output: Path
     tensor: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    def key(self) -> tuple:
-        return ("save", self.output, self.tensor)
 
     @property
     def nbytes(self) -> int:
@@ -101,11 +110,13 @@ class Save:
 Payload = Union[Load, Apply, Save]
 
 
-def params_key(params: Any) -> tuple:
-    def freeze(v):
-        return tuple(freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-    return tuple((k, freeze(v)) for k, v in sorted(params.model_dump().items()))
+def _frozen(v: Any) -> Any:
+    """A hashable value equal for equal inputs: pydantic params by their fields, lists as tuples."""
+    if hasattr(v, "model_dump"):
+        return (type(v).__qualname__,) + tuple((k, _frozen(x)) for k, x in sorted(v.model_dump().items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    return v
 
 
 def _fmt(v: Any) -> str:
@@ -117,7 +128,16 @@ def _fmt(v: Any) -> str:
 
 
 class Graph(nx.DiGraph):
-    """A DiGraph with helpers that keep ``inputs`` and the edges in step."""
+    """A DiGraph with helpers that keep ``inputs`` and the edges in step. Built by lowering, then frozen."""
+
+    def freeze(self) -> "Graph":
+        return nx.freeze(self)
+
+    def edited(self) -> "Graph":
+        """A mutable copy with the same node ids, for a pass to rewrite and return."""
+        g = Graph(self)
+        g.graph = dict(self.graph)
+        return g
 
     def add(self, payload: Payload, inputs: Iterable[int] = ()) -> int:
         n = self.graph.setdefault("next_id", 0)
@@ -139,6 +159,7 @@ class Graph(nx.DiGraph):
 
     def set_inputs(self, n: int, inputs: Iterable[int]) -> None:
         """Give `n` new inputs, in order, and the edges to match."""
+        self._unfrozen()
         inputs = tuple(inputs)
         for i in set(self.nodes[n]["inputs"]) - set(inputs):
             self.remove_edge(i, n)
@@ -148,10 +169,15 @@ class Graph(nx.DiGraph):
 
     def replace(self, old: int, new: int) -> None:
         """Point every user of `old` at `new`, then drop `old`."""
+        self._unfrozen()
         for user in list(self.successors(old)):
             self.nodes[user]["inputs"] = tuple(new if i == old else i for i in self.nodes[user]["inputs"])
             self.add_edge(new, user)
         self.remove_node(old)
+
+    def _unfrozen(self) -> None:
+        if nx.is_frozen(self):
+            raise nx.NetworkXError("Frozen graph can't be modified: rewrite graph.edited()")
 
     def counts(self) -> dict[str, int]:
         out = {"load": 0, "apply": 0, "save": 0}

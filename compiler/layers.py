@@ -50,6 +50,17 @@ def leading_index(tensor: str) -> Optional[int]:
     return None if split is None else split[1]
 
 
+def block_of(tensor: str) -> int:
+    """The block a tensor is merged in: its leading index, or -1 (before every layer) when it has none."""
+    i = leading_index(tensor)
+    return -1 if i is None else i
+
+
+def tensor_order(name: str) -> tuple:
+    """Non-layer tensors first, then layer by layer; names in natural order within."""
+    return (block_of(name), name)
+
+
 @dataclass(frozen=True)
 class Stack:
     prefix: str  # the name up to the index, e.g. "model.layers."

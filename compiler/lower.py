@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .check import Program
 from .ir import Apply, Graph, Load, Save
-from .layers import leading_index
+from .layers import tensor_order
 from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, WithModel
 
 
@@ -20,13 +20,7 @@ def lower(program: Program) -> Graph:
             src = _lower(g, memo, save.model, name)
             dtype = save.dtype if spec.dtype.is_floating_point else spec.dtype
             g.add(Save(save.path, name, spec.shape, dtype), (src,))
-    return g
-
-
-def tensor_order(name: str) -> tuple:
-    """Non-layer tensors first, then layer by layer; names in natural order within."""
-    i = leading_index(name)
-    return (-1 if i is None else i, name)
+    return g.freeze()
 
 
 def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:

@@ -15,7 +15,7 @@ from mgc.grammar import ast
 from .check import Program
 from .fisher_cache import plan_lines
 from .ir import Apply, Graph, Load, Save, _itemsize, saved_dtype_results
-from .passes import PassReport
+from .passes import PassReport, Schedule
 
 
 def _transient(p: Apply, op, k: int) -> int:
@@ -43,6 +43,7 @@ class Plan:
     recipe: ast.Recipe
     program: Program
     graph: Graph
+    schedule: Schedule
     reports: list[PassReport]
 
     @property
@@ -70,7 +71,7 @@ class Plan:
         held: dict[int, int] = {}
         dtypes: dict[int, torch.dtype] = {}
         live = peak = 0
-        for n in g.graph["order"]:
+        for n in self.schedule.order:
             p = g.payload(n)
             inputs = g.inputs(n)
             transient = 0
@@ -122,7 +123,7 @@ class Plan:
         g = self.graph
         out = ["digraph mgc {", "  rankdir=LR;", '  node [fontname="monospace", fontsize=10];']
         shapes = {Load: "box", Apply: "ellipse", Save: "note"}
-        for n in g.graph.get("order", list(g.nodes)):
+        for n in self.schedule.order:
             p = g.payload(n)
             label = p.label() if not isinstance(p, Apply) else f"{p.label()}\\n{p.tensor}"
             out.append(f'  n{n} [shape={shapes[type(p)]}, label="{_escape(label)}"];')

@@ -8,7 +8,7 @@ from mgc.compiler.check import Program, check
 from mgc.core.errors import OutputError
 from mgc.compiler.lower import lower
 from mgc.compiler.outputs import check_output_paths, program_inputs
-from mgc.compiler.passes import PASSES, optimize
+from mgc.compiler.passes import PASSES, optimize, schedule_blocks
 from mgc.compiler.plan import Plan
 from mgc.gcpause import gc_paused
 from mgc.grammar import parse, parse_file
@@ -26,10 +26,8 @@ def compile_recipe(
         if output is not None:
             _redirect(program, Path(output))
         check_output_paths(program.saves, program_inputs(program), None if text is not None else Path(recipe), Path.cwd())
-        graph = lower(program)
-        passes = PASSES if optimize_graph else _schedule_only()
-        reports = optimize(graph, passes=passes)
-        return Plan(tree, program, graph, reports)
+        optimized = optimize(lower(program), passes=PASSES if optimize_graph else (schedule_blocks,))
+        return Plan(tree, program, optimized.graph, optimized.schedule, optimized.reports)
 
 
 def run(
@@ -52,7 +50,7 @@ def prepare(plan: Plan, *, device: str = "auto", progress: bool = False, force: 
     if not getattr(plan.program, "fishers", None):
         return {}
     from mgc.fisher import materialise
-    from mgc.runtime.output import check_target
+    from mgc.runtime.target import check_target
 
     if force is not None:
         for save in plan.program.saves:
@@ -72,9 +70,3 @@ def _redirect(program: Program, output: Path) -> None:
         raise OutputError(f"-o cannot place {len(names)} outputs under one folder: their folder names repeat")
     for s in program.saves:
         s.path = output / s.path.name
-
-
-def _schedule_only():
-    from mgc.compiler.passes import schedule_blocks
-
-    return (schedule_blocks,)

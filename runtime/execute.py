@@ -69,7 +69,7 @@ def execute(
         prefetch = max(0, min(max_memory - need, 4 * DEFAULT_PREFETCH))
     queue_bytes = min(WRITE_QUEUE_BYTES, prefetch) if max_memory is not None else WRITE_QUEUE_BYTES
     checkpoints = plan.program.checkpoints
-    order = graph.graph["order"]
+    order = plan.schedule.order
     uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
     result_dtypes = saved_dtype_results(graph)
     values: dict[int, torch.Tensor] = {}

@@ -39,10 +39,10 @@ def mgc_plan(*args: str) -> str:
 
 def schedule(recipe: str) -> str:
     """The blocks of the schedule in order, each with its load/apply/save nodes."""
-    graph = compile_recipe(recipe).graph
-    blocks = graph.graph["blocks"]
+    plan = compile_recipe(recipe)
+    graph, blocks = plan.graph, plan.schedule.blocks
     lines = ["", "schedule (block: load/apply/save nodes):"]
-    for block, nodes in itertools.groupby(graph.graph["order"], key=blocks.__getitem__):
+    for block, nodes in itertools.groupby(plan.schedule.order, key=blocks.__getitem__):
         kinds = [type(graph.payload(n)) for n in nodes]
         counts = "/".join(f"{kinds.count(k):>3}" for k in (Load, Apply, Save))
         lines.append(f"  {'other' if block == -1 else f'layer {block}':8s} {counts}")

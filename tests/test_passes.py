@@ -62,8 +62,22 @@ def source_of_save(g: Graph, s: int) -> int:
     return src
 
 
+_RESULTS: dict = {}
+
+
+def run(pass_, g: Graph) -> Graph:
+    """The graph `pass_` returns; what it reported is kept for fired() and schedule_of()."""
+    result = pass_(g)
+    _RESULTS[id(result.graph), pass_.__name__] = result
+    return result.graph
+
+
 def fired(g: Graph, name: str) -> dict:
-    return dict(g.graph["fired"][name])
+    return dict(_RESULTS[id(g), name].fired)
+
+
+def schedule_of(g: Graph):
+    return _RESULTS[id(g), "schedule_blocks"].schedule
 
 
 # ---------------------------------------------------------------- common subexpressions
@@ -76,7 +90,7 @@ def test_cse_merges_identical_applies():
     s2 = apply(g, "slerp", slerp.Params(t=0.5), (a, b))
     o1 = save(g, s1, out=Path("/out/1"))
     o2 = save(g, s2, out=Path("/out/2"))
-    eliminate_common_subexpressions(g)
+    g = run(eliminate_common_subexpressions, g)
     assert_consistent(g)
     assert len(applies(g)) == 1
     assert source_of_save(g, o1) == source_of_save(g, o2) in applies(g)
@@ -92,7 +106,7 @@ def test_cse_merges_identical_loads_and_then_their_users():
     p2 = apply(g, "passthrough", passthrough.Params(scale=2.0), (l2,))
     o1 = save(g, p1, out=Path("/out/1"))
     o2 = save(g, p2, out=Path("/out/2"))
-    eliminate_common_subexpressions(g)
+    g = run(eliminate_common_subexpressions, g)
     assert_consistent(g)
     assert len(g.of_kind(Load)) == 1
     assert len(applies(g)) == 1
@@ -116,7 +130,7 @@ def test_cse_keeps_different_applies(second):
         s2 = apply(g, "linear", linear.Params(), (a, b))
     save(g, s1, out=Path("/out/1"))
     save(g, s2, out=Path("/out/2"))
-    eliminate_common_subexpressions(g)
+    g = run(eliminate_common_subexpressions, g)
     assert_consistent(g)
     assert sorted(applies(g)) == sorted([s1, s2])
     assert sum(fired(g, "eliminate_common_subexpressions").values()) == 0
@@ -127,7 +141,7 @@ def test_cse_keeps_loads_of_different_tensors_or_checkpoints():
     loads = [load(g, A, "w"), load(g, A, "v"), load(g, B, "w")]
     for k, n in enumerate(loads):
         save(g, n, out=Path(f"/out/{k}"))
-    eliminate_common_subexpressions(g)
+    g = run(eliminate_common_subexpressions, g)
     assert sorted(g.of_kind(Load)) == sorted(loads)
 
 
@@ -139,7 +153,7 @@ def test_cse_params_with_lists_compare_by_value():
     k3 = apply(g, "karcher", karcher.Params(weights=[1.0, 2.0]), (a, b))
     for k, n in enumerate((k1, k2, k3)):
         save(g, n, out=Path(f"/out/{k}"))
-    eliminate_common_subexpressions(g)
+    g = run(eliminate_common_subexpressions, g)
     assert sorted(applies(g)) == sorted([k1, k3])
 
 
@@ -158,7 +172,7 @@ def _fold_one(op, params, n_inputs, same=False, has_base=False):
         inputs = tuple(loads)
     n = apply(g, op, params, inputs, has_base=has_base)
     s = save(g, n)
-    fold_trivial_ops(g)
+    g = run(fold_trivial_ops, g)
     assert_consistent(g)
     return g, loads, s, n
 
@@ -222,7 +236,7 @@ def test_fold_cascades():
     lin = apply(g, "linear", linear.Params(), (k,))
     p = apply(g, "passthrough", passthrough.Params(scale=1.0), (lin,))
     o = save(g, p)
-    fold_trivial_ops(g)
+    g = run(fold_trivial_ops, g)
     assert_consistent(g)
     assert applies(g) == []
     assert source_of_save(g, o) == b
@@ -230,7 +244,7 @@ def test_fold_cascades():
         "slerp_t1": 1, "single_source": 2, "identity_passthrough": 1,
     }
     # a is now unused and dead-code elimination removes it
-    eliminate_dead_nodes(g)
+    g = run(eliminate_dead_nodes, g)
     assert sorted(g.nodes) == sorted([b, o])
 
 
@@ -241,7 +255,7 @@ def test_fold_keeps_other_users_of_the_folded_node_correct():
     lin = apply(g, "linear", linear.Params(), (s, b))
     o1 = save(g, s, out=Path("/out/1"))
     o2 = save(g, lin, out=Path("/out/2"))
-    fold_trivial_ops(g)
+    g = run(fold_trivial_ops, g)
     assert_consistent(g)
     assert source_of_save(g, o1) == a
     assert g.inputs(source_of_save(g, o2)) == (a, b)
@@ -257,7 +271,7 @@ def test_dead_nodes_dropped():
     dead1 = apply(g, "slerp", slerp.Params(t=0.5), (b, c))
     dead2 = apply(g, "passthrough", passthrough.Params(scale=3.0), (dead1,))
     o = save(g, live)
-    eliminate_dead_nodes(g)
+    g = run(eliminate_dead_nodes, g)
     assert_consistent(g)
     assert sorted(g.nodes) == sorted([a, b, live, o])
     assert dead1 not in g.nodes and dead2 not in g.nodes and c not in g.nodes
@@ -269,7 +283,7 @@ def test_dead_nodes_unused_model_loads_disappear():
     used = [load(g, A, f"t{i}") for i in range(3)]
     unused = [load(g, B, f"t{i}") for i in range(3)]
     saves = [save(g, n, tensor=f"t{i}") for i, n in enumerate(used)]
-    eliminate_dead_nodes(g)
+    g = run(eliminate_dead_nodes, g)
     assert not any(n in g.nodes for n in unused)
     assert {g.payload(n).checkpoint for n in g.of_kind(Load)} == {A}
     assert sorted(g.nodes) == sorted(used + saves)
@@ -289,8 +303,8 @@ def _block(name):
     return -1 if i is None else i
 
 
-def _check_schedule(g: Graph) -> list[int]:
-    order = g.graph["order"]
+def _check_schedule(g: Graph, schedule) -> list[int]:
+    order = schedule.order
     assert len(order) == len(set(order)) == g.number_of_nodes()
     pos = {n: k for k, n in enumerate(order)}
     for n in g.nodes:
@@ -304,9 +318,9 @@ def test_schedule_orders_blocks_and_inputs():
     for name in NAMES:  # scrambled insertion order
         a, b = load(g, A, name), load(g, B, name)
         save(g, apply(g, "slerp", slerp.Params(t=0.5), (a, b), tensor=name), tensor=name)
-    schedule_blocks(g)
-    order = _check_schedule(g)
-    blocks = g.graph["blocks"]
+    g = run(schedule_blocks, g)
+    order = _check_schedule(g, schedule_of(g))
+    blocks = schedule_of(g).blocks
     seq = [blocks[n] for n in order]
     assert seq == sorted(seq)  # non-layer tensors, then layer 0, 1, 2, ..., 10 (numeric, not lexical)
     assert seq[0] == -1 and seq[-1] == 10
@@ -324,23 +338,23 @@ def test_schedule_places_shared_nodes_once():
         x = load(g, B, name)
         save(g, apply(g, "linear", linear.Params(), (shared, x), tensor=name), tensor=name)
     save(g, shared, tensor="model.embed_tokens.weight")
-    schedule_blocks(g)
-    order = _check_schedule(g)
+    g = run(schedule_blocks, g)
+    order = _check_schedule(g, schedule_of(g))
     assert order.count(shared) == 1
-    assert g.graph["blocks"][shared] == -1
+    assert schedule_of(g).blocks[shared] == -1
 
 
 def test_schedule_of_a_real_recipe_is_block_by_block(repo_root):
     plan = compile_recipe(repo_root / "examples" / "quickstart.merge")
     g = plan.graph
-    order = _check_schedule(g)
-    blocks = [g.graph["blocks"][n] for n in order]
+    order = _check_schedule(g, plan.schedule)
+    blocks = [plan.schedule.blocks[n] for n in order]
     assert blocks == sorted(blocks)
     assert set(blocks) == {-1, *range(8)}
     # every node of a layer's block belongs to that layer's tensors
     for n in order:
         p = g.payload(n)
-        assert g.graph["blocks"][n] == _block(p.tensor)
+        assert plan.schedule.blocks[n] == _block(p.tensor)
 
 
 # ---------------------------------------------------------------- through recipes
@@ -433,4 +447,4 @@ save base to "{tmp_path}/o"
 def test_recipe_unoptimized_graph_keeps_everything(models, tmp_path):
     plan = _compile(models, f'save slerp(base, code, t = 0) to "{tmp_path}/o"\n', optimize_graph=False)
     assert plan.graph.counts() == {"load": 150, "apply": 75, "save": 75}
-    _check_schedule(plan.graph)
+    _check_schedule(plan.graph, plan.schedule)

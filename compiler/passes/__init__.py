@@ -1,26 +1,29 @@
-"""Optimization passes: plain functions `pass(graph) -> graph`, run in the order of PASSES.
+"""Optimization passes: plain functions `pass(graph) -> PassResult`, run in the order of PASSES.
 
-A pass may record what it did in ``graph.graph["fired"][pass_name]`` (a Counter of rule names);
-`mgc plan --explain` shows it.
+A pass never changes the graph it is given (graphs are frozen): it returns the graph it produced, what its
+rules did (`mgc plan --explain` shows it), and, for the scheduling pass, the schedule.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from ..ir import Graph
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_nodes import eliminate_dead_nodes
 from .fold_trivial_ops import fold_trivial_ops
-from .schedule_blocks import schedule_blocks
+from .result import PassResult
+from .schedule_blocks import Schedule, schedule_blocks
 
-PASSES: tuple[Callable[[Graph], Graph], ...] = (
+PASSES: tuple[Callable[[Graph], PassResult], ...] = (
     eliminate_common_subexpressions,
     fold_trivial_ops,
     eliminate_common_subexpressions,
     eliminate_dead_nodes,
     schedule_blocks,
 )
+
 
 @dataclass
 class PassReport:
@@ -30,15 +33,30 @@ class PassReport:
     fired: dict[str, int] = field(default_factory=dict)
 
 
-def optimize(graph: Graph, passes=PASSES) -> list[PassReport]:
+@dataclass(frozen=True)
+class Optimized:
+    graph: Graph
+    schedule: Schedule
+    reports: list[PassReport]
+
+
+def optimize(graph: Graph, passes=PASSES) -> Optimized:
+    """Run `passes` in order. The schedule is the one computed for the final graph: the scheduling pass's,
+    or, when the passes end without one, schedule_blocks' (not reported)."""
+    graph = graph.freeze()
     reports = []
+    schedule: Optional[Schedule] = None
     for p in passes:
         before = graph.counts()
-        graph.graph.setdefault("fired", {}).pop(p.__name__, None)
-        p(graph)
-        reports.append(PassReport(p.__name__, before, graph.counts(), dict(graph.graph["fired"].get(p.__name__, {}))))
-    return reports
+        result = p(graph)
+        if result.graph is not graph:
+            schedule = None
+        graph, schedule = result.graph, result.schedule or schedule
+        reports.append(PassReport(p.__name__, before, graph.counts(), dict(Counter(result.fired))))
+    if schedule is None:
+        schedule = schedule_blocks(graph).schedule
+    return Optimized(graph, schedule, reports)
 
 
-__all__ = ["PASSES", "PassReport", "optimize", "eliminate_common_subexpressions", "eliminate_dead_nodes",
-           "fold_trivial_ops", "schedule_blocks"]
+__all__ = ["PASSES", "Optimized", "PassReport", "PassResult", "Schedule", "optimize", "eliminate_common_subexpressions",
+           "eliminate_dead_nodes", "fold_trivial_ops", "schedule_blocks"]

@@ -10,9 +10,11 @@ from collections import Counter
 import networkx as nx
 
 from ..ir import Graph, Save
+from .result import PassResult
 
 
-def eliminate_common_subexpressions(graph: Graph) -> Graph:
+def eliminate_common_subexpressions(graph: Graph) -> PassResult:
+    graph = graph.edited()
     seen: dict[tuple, int] = {}
     fired: Counter = Counter()
     for n in list(nx.topological_sort(graph)):
@@ -25,5 +27,4 @@ def eliminate_common_subexpressions(graph: Graph) -> Graph:
             fired[key[0][0]] += 1
         else:
             seen[key] = n
-    graph.graph.setdefault("fired", {})["eliminate_common_subexpressions"] = fired
-    return graph
+    return PassResult(graph.freeze(), fired)

@@ -6,9 +6,11 @@ from collections import Counter
 import networkx as nx
 
 from ..ir import Graph, Save
+from .result import PassResult
 
 
-def eliminate_dead_nodes(graph: Graph) -> Graph:
+def eliminate_dead_nodes(graph: Graph) -> PassResult:
+    graph = graph.edited()
     live = set()
     for s in graph.of_kind(Save):
         live.add(s)
@@ -16,5 +18,4 @@ def eliminate_dead_nodes(graph: Graph) -> Graph:
     dead = [n for n in graph.nodes if n not in live]
     fired = Counter(type(graph.payload(n)).__name__.lower() for n in dead)
     graph.remove_nodes_from(dead)
-    graph.graph.setdefault("fired", {})["eliminate_dead_nodes"] = fired
-    return graph
+    return PassResult(graph.freeze(), fired)

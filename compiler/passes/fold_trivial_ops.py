@@ -20,9 +20,11 @@ import networkx as nx
 from mgc.stdlib import OPERATORS
 
 from ..ir import Apply, Graph
+from .result import PassResult
 
 
-def fold_trivial_ops(graph: Graph) -> Graph:
+def fold_trivial_ops(graph: Graph) -> PassResult:
+    graph = graph.edited()
     fired: Counter = Counter()
     for n in list(nx.topological_sort(graph)):
         payload = graph.payload(n)
@@ -35,5 +37,4 @@ def fold_trivial_ops(graph: Graph) -> Graph:
             index, rule = found
             graph.replace(n, models[index])
             fired[rule] += 1
-    graph.graph.setdefault("fired", {})["fold_trivial_ops"] = fired
-    return graph
+    return PassResult(graph.freeze(), fired)
