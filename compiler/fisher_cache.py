@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from mgc.core.checkpoint import TOKENIZER_FILES, read_header
+from mgc.core.checkpoint import TOKENIZER_FILES
+from mgc.core.safetensors_header import read_header
 from mgc.core.documents import decode_text, split_documents
 from mgc.core.errors import CheckpointError, MgcError
 

@@ -161,7 +161,7 @@ def load_model(folder: Union[str, Path], *, allow_pickle: bool = False):
     model.safetensors and its index): it would unpickle that file, unasked, and run other weights than the
     ones mgc merges. Any failure is a `CheckpointError` naming the folder.
     """
-    from mgc.core.checkpoint import show_path, stat_path
+    from mgc.core.paths import show_path, stat_path
 
     transformers = require("transformers")
     folder = Path(folder)

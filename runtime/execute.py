@@ -22,7 +22,9 @@ from .apply import all_finite, run_apply
 
 from .allocator import keep_freed_memory
 from mgc.core.devices import resolve_device
-from .output import StagedOutput, check_target, clean_stale
+from .staging import StagedOutput
+from .stale import clean_stale
+from .target import check_target
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
 

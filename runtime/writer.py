@@ -15,7 +15,8 @@ from typing import Iterable
 
 import torch
 
-from mgc.core.checkpoint import DTYPE_CODES, INDEX_FILE
+from mgc.core.checkpoint import INDEX_FILE
+from mgc.core.safetensors_header import DTYPE_CODES
 
 
 @dataclass(frozen=True)

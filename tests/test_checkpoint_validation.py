@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from mgc.core.errors import CheckpointError, Source, Span
-from mgc.core.checkpoint import INDEX_FILE, Checkpoint, resolve_checkpoint_path
+from mgc.core.checkpoint import INDEX_FILE, Checkpoint
+from mgc.core.paths import resolve_checkpoint_path
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 

@@ -20,13 +20,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import mgc.runtime.output as output_module
+import mgc.runtime.aside as aside_module
+import mgc.runtime.exchange as exchange_module
+import mgc.runtime.staging as staging_module
 import mgc.runtime.writer as writer_module
 from mgc.api import compile_recipe, run
 from mgc.cli import main
 from mgc.core.errors import MgcErrors, OutputError, Source, Span
 from mgc.compiler.outputs import check_output_paths, program_inputs
-from mgc.runtime.output import StagedOutput, clean_stale
+from mgc.runtime.stale import clean_stale
+from mgc.runtime.staging import StagedOutput
 from mgc.runtime.signals import Terminated, terminate_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,9 +274,9 @@ def test_leftovers_of_live_runs_and_other_hosts_are_left_alone(tmp_path):
     out = tmp_path / "out"
     staged = StagedOutput(out).open()  # this process's own: never touched
     parent_pid = os.getppid()  # alive, and not this process
-    (tmp_path / f".other.mgc-owner-{parent_pid}").write_text(json.dumps(output_module._identity(parent_pid)))
+    (tmp_path / f".other.mgc-owner-{parent_pid}").write_text(json.dumps(aside_module.identity(parent_pid)))
     (tmp_path / f".other.mgc-tmp-{parent_pid}").mkdir()
-    far = {**output_module._identity(7), "host": "elsewhere.example"}
+    far = {**aside_module.identity(7), "host": "elsewhere.example"}
     (tmp_path / ".far.mgc-owner-7").write_text(json.dumps(far))
     (tmp_path / ".far.mgc-tmp-7").mkdir()
     (tmp_path / ".legacy.mgc-tmp-8").mkdir()  # made before owner files: nobody to ask
@@ -291,7 +294,7 @@ def test_leftovers_of_live_runs_and_other_hosts_are_left_alone(tmp_path):
 def test_leftovers_of_a_reused_pid_are_removed(tmp_path):
     """The pid of a dead run may belong to another process now: its start time tells them apart."""
     parent_pid = os.getppid()
-    record = {**output_module._identity(parent_pid), "start": "1", "target": "out"}
+    record = {**aside_module.identity(parent_pid), "start": "1", "target": "out"}
     (tmp_path / f".out.mgc-owner-{parent_pid}").write_text(json.dumps(record))
     (tmp_path / f".out.mgc-tmp-{parent_pid}").mkdir()
     notes = []
@@ -312,11 +315,11 @@ def test_force_replacement_exchanges_in_one_step(tmp_path, monkeypatch):
     out = tmp_path / "out"
     old_output(out)
     staged = staged_new(out)
-    if output_module._renameat2() is None:
+    if exchange_module._renameat2() is None:
         pytest.skip("no renameat2 here")
-    real, calls = output_module._exchange, []
-    monkeypatch.setattr(output_module, "_exchange", lambda a, b: calls.append(real(a, b)) or calls[-1])
-    monkeypatch.setattr(output_module.os, "rename", lambda *a: pytest.fail("renamed instead of exchanging"))
+    real, calls = staging_module.exchange, []
+    monkeypatch.setattr(staging_module, "exchange", lambda a, b: calls.append(real(a, b)) or calls[-1])
+    monkeypatch.setattr(staging_module.os, "rename", lambda *a: pytest.fail("renamed instead of exchanging"))
     staged.commit()
     assert calls == [True]
     assert snapshot(out) == {"model.safetensors": b"new weights"} and leftovers(tmp_path) == []
@@ -328,7 +331,7 @@ class Crash(BaseException):
 
 def renames_failing_after_the_first(monkeypatch, failure: BaseException, times: int = 10**9) -> None:
     """No atomic exchange, and the `times` renames after the first raise `failure`."""
-    monkeypatch.setattr(output_module, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(staging_module, "exchange", lambda a, b: False, raising=False)
     real, calls = os.rename, []
 
     def rename(a, b):
@@ -337,8 +340,8 @@ def renames_failing_after_the_first(monkeypatch, failure: BaseException, times: 
             raise failure
         real(a, b)
 
-    monkeypatch.setattr(output_module.os, "rename", rename)
-    monkeypatch.setattr(output_module.os, "replace", rename)
+    monkeypatch.setattr(staging_module.os, "rename", rename)
+    monkeypatch.setattr(staging_module.os, "replace", rename)
 
 
 def test_force_replacement_by_renames_puts_the_old_output_back_on_failure(tmp_path, monkeypatch):
@@ -377,7 +380,7 @@ def test_a_file_system_without_exchange_falls_back_to_renames(tmp_path, monkeypa
         ctypes.set_errno(errno.EINVAL)
         return -1
 
-    monkeypatch.setattr(output_module, "_renameat2", lambda: renameat2)
+    monkeypatch.setattr(exchange_module, "_renameat2", lambda: renameat2)
     out = tmp_path / "out"
     old_output(out)
     staged_new(out).commit()
@@ -386,7 +389,7 @@ def test_a_file_system_without_exchange_falls_back_to_renames(tmp_path, monkeypa
 
 def test_an_old_output_is_not_deleted_when_the_target_was_remade_after_a_crash(tmp_path):
     out = tmp_path / "out"
-    dead = {**output_module._identity(os.getppid()), "start": "1", "target": "out"}
+    dead = {**aside_module.identity(os.getppid()), "start": "1", "target": "out"}
     (tmp_path / f".out.mgc-owner-{dead['pid']}").write_text(json.dumps(dead))
     (tmp_path / f".out.mgc-tmp-{dead['pid']}").mkdir()
     old = tmp_path / f".out.mgc-old-{dead['pid']}"
@@ -440,7 +443,7 @@ def test_read_only_parent(small, tmp_path, monkeypatch):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
             return real(path, *a, **kw)
 
-        monkeypatch.setattr(output_module.os, "mkdir", mkdir)
+        monkeypatch.setattr(staging_module.os, "mkdir", mkdir)
     else:
         parent.chmod(0o555)
     try:

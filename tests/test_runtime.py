@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import mgc.core.checkpoint as checkpoint_module
+import mgc.core.safetensors_header as header_module
 from mgc.api import run
 from mgc.compiler.ir import Load
 from mgc.core.errors import CheckpointError, MergeRuntimeError, MgcError, OutputError
-from mgc.core.checkpoint import INDEX_FILE, Checkpoint, read_header
+from mgc.core.checkpoint import INDEX_FILE, Checkpoint
+from mgc.core.safetensors_header import read_header
 from mgc.runtime.writer import ShardedWriter, plan_shards
 
 # ---------------------------------------------------------------- helpers
@@ -209,7 +210,7 @@ def test_open_reads_headers_only(models, monkeypatch):
     import safetensors
     import safetensors.torch
 
-    monkeypatch.setattr(checkpoint_module, "open", tracking_open, raising=False)
+    monkeypatch.setattr(header_module, "open", tracking_open, raising=False)
     monkeypatch.setattr(safetensors, "safe_open", no_data)
     monkeypatch.setattr(safetensors.torch, "load_file", no_data)
     ckpt = Checkpoint.open(base)
