@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from mgc.core.dtypes import DTYPE_NAMES
 from mgc.core.errors import OutputError, Span
 
 from .aside import OLD, OWNER, STAGING, aside, identity, unlink_quietly
@@ -18,8 +19,6 @@ from .exchange import exchange
 from .stale import note, quoted
 from .target import output_error
 from .writer import ShardedWriter
-
-CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 class StagedOutput:
@@ -59,10 +58,10 @@ class StagedOutput:
 
     def write_config(self, config: dict, dtype: Optional[torch.dtype]) -> None:
         config = dict(config)
-        if dtype in CONFIG_DTYPE_NAMES:
+        if dtype in DTYPE_NAMES:
             for key in ("torch_dtype", "dtype"):
                 if key in config or key == "torch_dtype":
-                    config[key] = CONFIG_DTYPE_NAMES[dtype]
+                    config[key] = DTYPE_NAMES[dtype]
         try:
             (self.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         except OSError as e:

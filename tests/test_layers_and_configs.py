@@ -41,6 +41,7 @@ def zoo(tmp_path_factory) -> Path:
     _llama(root / "platy", 6, 3)
     _llama(root / "a16", 4, 4, torch.float16)
     _llama(root / "abf", 4, 5, torch.bfloat16)
+    _llama(root / "a64", 4, 7, torch.float64)
     torch.manual_seed(6)
     gemma = transformers.Gemma2Config(**TEXT, num_hidden_layers=4, head_dim=8)
     assert gemma.layer_types == ["sliding_attention", "full_attention"] * 2
@@ -243,6 +244,13 @@ def test_a_stack_of_two_dtypes_is_saved_in_one(zoo, tmp_path):
     plan, _ = _run(zoo, tmp_path, 'x = model("ZOO/a16")\ny = model("ZOO/abf")\nsave stack(x.layers[0:2], y.layers[2:4]) to "OUT"\n')
     assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.float32}
     assert len(plan.program.warnings) == 1
+
+
+def test_a_float64_output_says_float64_in_its_config(zoo, tmp_path):
+    """The config's dtype follows the tensors written, float64 included (it used to keep the first input's)."""
+    _run(zoo, tmp_path, 'x = model("ZOO/abf")\ny = model("ZOO/a64")\nsave linear(x, y) to "OUT"\n')
+    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.float64}
+    assert _config(tmp_path / "out")["torch_dtype"] == "float64"
 
 
 def test_inputs_that_agree_keep_their_dtype_without_a_warning(zoo, tmp_path):
