@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from mgc.core.dtypes import dtype_name
+from mgc.core.paths import relative_to_cwd
 from mgc.core.errors import CheckpointError, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, did_you_mean
 from mgc.grammar import ast
 
@@ -67,7 +67,7 @@ def _common_dtype(checker: Checker, model: ModelValue, stmt: ast.Save) -> torch.
     by_dtype: dict[torch.dtype, list[str]] = {}
     for leaf in dict.fromkeys(model.leaves()):
         for dtype in dict.fromkeys(s.dtype for s in leaf.tensors.values() if s.dtype.is_floating_point):
-            by_dtype.setdefault(dtype, []).append(_short(leaf.checkpoint.path))
+            by_dtype.setdefault(dtype, []).append(relative_to_cwd(leaf.checkpoint.path))
     dtype = widest_dtype(by_dtype)
     if len(by_dtype) > 1:
         shown = "; ".join(f"{dtype_name(d)}: {', '.join(names)}" for d, names in by_dtype.items())
@@ -132,10 +132,3 @@ def parse_size(text: str) -> Optional[int]:
     # Decimal: exact, and no float overflow or int digit limit for thousands of digits
     size = Decimal(m.group(1)) * base**power
     return int(size) if 1 <= size <= MAX_SIZE else None
-
-
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

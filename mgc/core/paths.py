@@ -17,6 +17,14 @@ def show_path(path: str | os.PathLike, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
+def relative_to_cwd(path: Path) -> str:
+    """A path as a message shows it: relative to the working folder when it is inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def stat_path(path: Path, span: Optional[Span]) -> Optional[os.stat_result]:
     """os.stat(path), following links; None where nothing is there. A path that cannot name a file (a NUL
     byte, a name too long, a symlink loop) or cannot be looked at is a CheckpointError naming it."""
