@@ -4,13 +4,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mgc.stdlib import OPERATORS
-from mgc.stdlib.slices import GRAM_BUFFER, SLICE
 
+from mgc.core.paths import relative_to_cwd
 from mgc.grammar import ast
 from .check import Program
 from .fisher_cache import plan_lines
@@ -19,23 +18,9 @@ from .passes import PassReport, Schedule
 
 
 def _transient(p: Apply, op, k: int) -> int:
-    """Bytes an operation holds while it runs, beyond its inputs and result (k graph inputs):
-
-    * an operator reading stored dtypes (``native_inputs``): a few float32 slices and gram()'s float64
-      buffer, and what the operator declares (``scratch_bytes``); with model-valued parameters (Fisher
-      weights), its dense float64 [N, d] units and those weights;
-    * an elementwise operator run slice by slice: float32 copies of one slice of each input;
-    * any other: float32 copies of every input, and as much again for the operator's own temporaries.
-    """
-    numel = math.prod(p.shape)
-    slice_bytes = 4 * min(numel, SLICE)
-    if op.native_inputs:
-        if p.aux:
-            return 2 * 8 * numel * k + 4 * numel
-        return (k + 3) * slice_bytes + min(GRAM_BUFFER, 8 * numel * k) + op.scratch_bytes(numel)
-    if op.runs_in_slices:
-        return (k + 2) * slice_bytes
-    return 2 * 4 * numel * k
+    """Bytes an operation holds while it runs, beyond its inputs and result (k graph inputs): what the
+    operator declares (``Operator.transient``; by default, from how the runtime runs it)."""
+    return op.transient(math.prod(p.shape), k, bool(p.aux))
 
 
 @dataclass
@@ -79,7 +64,7 @@ class Plan:
                 held[n], dtypes[n] = p.nbytes, p.dtype
             elif isinstance(p, Apply):
                 op = OPERATORS[p.op]
-                dtypes[n] = direct.get(n, torch.float32) if op.fills_output else torch.float32
+                dtypes[n] = op.result_dtype(direct.get(n))
                 held[n] = math.prod(p.shape) * _itemsize(dtypes[n])
                 transient = _transient(p, op, len(inputs))
             elif dtypes.get(inputs[0]) != p.dtype:
@@ -112,7 +97,7 @@ class Plan:
         lines += ["", "outputs:"]
         for s in self.program.saves:
             n = sum(1 for x in self.graph.of_kind(Save) if self.graph.payload(x).output == s.path)
-            lines.append(f"  {_show_path(s.path)}  ({n} tensors)")
+            lines.append(f"  {relative_to_cwd(s.path)}  ({n} tensors)")
         if self.program.unused:
             lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
         if getattr(self.program, "fishers", None):
@@ -132,13 +117,6 @@ class Plan:
                 out.append(f'  n{i} -> n{n} [label="{pos}"];' if len(g.inputs(n)) > 1 else f"  n{i} -> n{n};")
         out.append("}")
         return "\n".join(out)
-
-
-def _show_path(path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _escape(s: str) -> str:

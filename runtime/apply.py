@@ -1,41 +1,80 @@
-"""Run one apply node: an operator's merge() on its input tensors, in the way the operator declares."""
+"""Run one apply node: an operator's merge() on its input tensors, in the way the operator declares (``runs``)."""
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import torch
 
 from mgc.compiler.ir import Apply
 from mgc.core.errors import MergeRuntimeError, MgcError
 from mgc.stdlib import OPERATORS
+from mgc.stdlib.operator import MergeContext, Operator
 from mgc.stdlib.slices import SLICE, slice_size, spans
 
 
-ELEMENTWISE_SLICE = SLICE  # entries per slice of an elementwise op
+ELEMENTWISE_SLICE = SLICE  # entries per slice of a "slices" operator on the CPU
 
 
 def run_apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Run one operation. The result is float32, or `out_dtype` when it only goes to saves of that dtype:
-    operators that can fill it directly (native_inputs, or elementwise ones run slice by slice) then never
-    hold a whole float32 result."""
+    """Run one operation (emptying `tensors`, so the caller holds none of them). The result is float32, or
+    `out_dtype` when it only goes to saves of that dtype and the operator fills its result ("slices" and
+    "stored" operators), so that no whole float32 result exists."""
     op = OPERATORS[p.op]
-    if op.native_inputs:
-        for k, t in enumerate(tensors):
-            tensors[k] = t.to(device=dev, non_blocking=True)
-        out = torch.empty(p.shape, dtype=out_dtype, device=dev)
-        return _checked(p, _call(op, p, tensors, out=out))
-    if op.runs_in_slices:
-        # Slice by slice: each input's float32 copy exists one slice at a time, small enough to be reused
-        # from the allocator's free lists, and the same elementwise arithmetic gives the same bytes as
-        # the whole-tensor call.
-        flat = [t.reshape(-1) for t in tensors]
-        tensors.clear()
-        out = torch.empty(p.shape, dtype=out_dtype, device=dev)
-        dest = out.view(-1)
-        for a, b in spans(dest.numel(), ELEMENTWISE_SLICE if dev.type == "cpu" else slice_size(dev)):
-            dest[a:b].copy_(_apply_whole(op, p, [t[a:b] for t in flat], dev))
-        return _checked(p, out)
-    return _checked(p, _apply_whole(op, p, tensors, dev))
+    return _checked(p, _RUNS[op.runs](op, p, tensors, dev, op.result_dtype(out_dtype)))
+
+
+def _apply_stored(op: Operator, p: Apply, tensors: list[torch.Tensor], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """merge() on the tensors as stored, filling a result of `dtype`."""
+    for k, t in enumerate(tensors):
+        tensors[k] = t.to(device=dev, non_blocking=True)
+    return _call(op, p, tensors, out=torch.empty(p.shape, dtype=dtype, device=dev))
+
+
+def _apply_in_slices(op: Operator, p: Apply, tensors: list[torch.Tensor], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """merge() slice by slice: each input's float32 copy exists one slice at a time, small enough to be reused
+    from the allocator's free lists, and the same elementwise arithmetic gives the same bytes as the whole-tensor
+    call."""
+    flat = [t.reshape(-1) for t in tensors]
+    tensors.clear()
+    out = torch.empty(p.shape, dtype=dtype, device=dev)
+    dest = out.view(-1)
+    for a, b in spans(dest.numel(), ELEMENTWISE_SLICE if dev.type == "cpu" else slice_size(dev)):
+        dest[a:b].copy_(_apply_whole(op, p, [t[a:b] for t in flat], dev))
+    return out
+
+
+def _apply_whole(
+    op: Operator, p: Apply, tensors: list[torch.Tensor], dev: torch.device, dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """merge() once on float32 copies of every input; the result is float32 (`dtype` is not used)."""
+    # Pinned host tensors (the reader pins when the device is a GPU) copy without blocking; the op
+    # runs on the same stream, after its copies.
+    for k, t in enumerate(tensors):  # in place, dropping each stored-dtype tensor once converted
+        tensors[k] = t.to(device=dev, non_blocking=True).float()
+    del t
+    return _call(op, p, tensors)
+
+
+_RUNS = {"whole": _apply_whole, "slices": _apply_in_slices, "stored": _apply_stored}
+
+
+def _call(op: Operator, p: Apply, tensors: list[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """op.merge on the graph inputs of `p` (emptying `tensors`, so the caller holds none of them)."""
+    base, models, aux = p.split(tensors)
+    tensors.clear()
+    ctx = MergeContext(
+        base=base,
+        aux={name: aux.get(name) for name in op.model_params},
+        generator=tensor_generator(p.params.seed, p.seed_tensor) if op.random else None,
+        out=out,
+    )
+    try:
+        return op.merge(models, p.params, ctx)
+    except MgcError:
+        raise
+    except Exception as e:
+        raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
 
 
 def _checked(p: Apply, out: torch.Tensor) -> torch.Tensor:
@@ -48,32 +87,6 @@ def _checked(p: Apply, out: torch.Tensor) -> torch.Tensor:
             + (f"; values beyond {out.dtype}'s range overflow to Inf: save in a wider dtype" if narrow else ""),
         )
     return out
-
-
-def _apply_whole(op, p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
-    # Pinned host tensors (the reader pins when the device is a GPU) copy without blocking; the op
-    # runs on the same stream, after its copies.
-    xs = tensors
-    for k, t in enumerate(xs):  # in place, dropping each stored-dtype tensor once converted
-        xs[k] = t.to(device=dev, non_blocking=True).float()
-    del t
-    return _call(op, p, xs)
-
-
-def _call(op, p: Apply, tensors: list[torch.Tensor], **kw) -> torch.Tensor:
-    """op.merge on the graph inputs of `p` (emptying `tensors`, so the caller holds none of them)."""
-    base, models, extra = p.split(tensors)
-    tensors.clear()
-    for name in op.model_params:
-        extra.setdefault(name, None)
-    if op.random:
-        extra["generator"] = tensor_generator(p.params.seed, p.seed_tensor)
-    try:
-        return op.merge(models, p.params, base, **extra, **kw)
-    except MgcError:
-        raise
-    except Exception as e:
-        raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 _MODULES = (
     "linear",
@@ -32,4 +32,4 @@ for _name in _MODULES:
     _op = import_module(f"{__name__}.{_name}").OPERATOR
     OPERATORS[_op.name] = _op
 
-__all__ = ["OPERATORS", "Operator", "OpParams"]
+__all__ = ["OPERATORS", "MergeContext", "Operator", "OpParams"]

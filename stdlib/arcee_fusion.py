@@ -19,12 +19,12 @@ Reference: Arcee AI, Arcee Fusion (https://arcee.ai, as implemented in mergekit'
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field
 
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 SAMPLE_SIZE = 1_000_000
 SOFTMAX_EPS = 1e-8
@@ -56,11 +56,8 @@ def threshold(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return q2 + 1.5 * (q3 - q1)
 
 
-def merge(
-    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor],
-    generator: Optional[torch.Generator] = None, **extra,
-) -> torch.Tensor:
-    (x,) = tensors
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    (x,), base, generator = tensors, ctx.base, ctx.generator
     if generator is None:  # called outside the runtime: seed from the params alone
         generator = torch.Generator("cpu").manual_seed(params.seed)
     scores = importance(x, base)
@@ -77,5 +74,4 @@ OPERATOR = Operator(
     min_models=1,
     max_models=1,
     base="required",
-    random=True,
 )

@@ -23,29 +23,20 @@ A model with weight 0 takes no part, whatever its Fisher. Math runs in float32 l
 """
 from __future__ import annotations
 
-from typing import Annotated, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from .operator import Operator, OpParams
+from .fields import NormalisedWeights
+from .operator import MergeContext, Operator
 
 
-class Params(OpParams):
-    weights: Optional[list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]]] = Field(
-        None, description="one weight αᵢ >= 0 per model, normalised to sum 1", json_schema_extra={"default_text": "1.0 each"}
-    )
+class Params(NormalisedWeights):
     eps: float = Field(
         1e-8, ge=0.0, allow_inf_nan=False,
         description="added to every Fisher entry: where all Fisher entries are 0 the result is the weighted mean",
     )
-
-    @field_validator("weights")
-    @classmethod
-    def _positive_sum(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and not sum(v) > 0:
-            raise ValueError("weights must have a positive sum")
-        return v
 
 
 def check_fishers(name: str, fisher: Optional[Sequence[torch.Tensor]], tensors: Sequence[torch.Tensor]) -> None:
@@ -68,10 +59,8 @@ def check_fishers(name: str, fisher: Optional[Sequence[torch.Tensor]], tensors: 
             )
 
 
-def merge(
-    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor],
-    fisher: Optional[Sequence[torch.Tensor]] = None,
-) -> torch.Tensor:
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    fisher = ctx.aux.get("fisher")
     check_fishers("fisher_merge", fisher, tensors)
     n = len(tensors)
     if n == 1:

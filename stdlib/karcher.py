@@ -41,38 +41,26 @@ exactly the plain one above.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from . import slices as sl
+from .fields import NormalisedWeights
 from .fisher_merge import check_fishers
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, stored_transient
 
 EPS = 1e-8
 
 
-class Params(OpParams):
-    weights: Optional[list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]]] = Field(
-        None, description="one weight αᵢ >= 0 per model, normalised to sum 1", json_schema_extra={"default_text": "1.0 each"}
-    )
+class Params(NormalisedWeights):
     max_iter: int = Field(10, ge=1, le=10_000, description="most fixed-point iterations")
     tol: float = Field(1e-5, gt=0, description="stop when the norm of the mean Log map is below this")
 
-    @field_validator("weights")
-    @classmethod
-    def _positive_sum(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and not sum(v) > 0:
-            raise ValueError("weights must have a positive sum")
-        return v
 
-
-def merge(
-    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor],
-    fisher: Optional[Sequence[torch.Tensor]] = None, out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    n = len(tensors)
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    n, fisher, out = len(tensors), ctx.aux.get("fisher"), ctx.out
     if fisher is not None:
         check_fishers("karcher", fisher, tensors)
     if n == 1:
@@ -175,7 +163,7 @@ def _karcher_in_span(tensors: Sequence[torch.Tensor], params: Params, out: Optio
         c = c / norm_of(c)
 
     coefficients = (scale * c * inv).tolist()  # result = scale·Σ cᵢ·xᵢ/‖xᵢ‖
-    return sl.weighted_sum(tensors, coefficients, out)
+    return sl.linear_combination(tensors, coefficients, out)
 
 
 def _fisher_weights(fisher: Sequence[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
@@ -192,6 +180,12 @@ def _fisher_weights(fisher: Sequence[torch.Tensor], a: torch.Tensor) -> torch.Te
     return fw
 
 
+def _transient(numel: int, inputs: int, aux: bool) -> int:
+    """With Fisher weights, the dense float64 [N, d] units and Fisher weights and the float32 result;
+    without, what any "stored" operator holds."""
+    return 2 * 8 * numel * inputs + 4 * numel if aux else stored_transient(numel, inputs, aux)
+
+
 OPERATOR = Operator(
     name="karcher",
     params=Params,
@@ -201,7 +195,8 @@ OPERATOR = Operator(
     min_models=1,
     per_model=("weights",),
     model_params=("fisher",),
-    native_inputs=True,
+    runs="stored",
+    transient=_transient,
     # karcher of one model copies it; with Fisher weights, merge() checks them first
     identity=lambda params, n, aux: (0, "single_source") if n == 1 and not aux else None,
 )

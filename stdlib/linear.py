@@ -5,19 +5,18 @@ Unlike mergekit, weights summing to 0 with normalize on are refused up front ins
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import Field, FiniteFloat, model_validator
+from pydantic import Field, model_validator
 
 from . import slices as sl
-from .operator import Operator, OpParams
+from .fields import Weights, weights_field
+from .operator import MergeContext, Operator, OpParams
 
 
 class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = Field(
-        None, description="one weight per model (may be negative)", json_schema_extra={"default_text": "1.0 each"}
-    )
+    weights: Weights = weights_field("one weight per model (may be negative)")
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
     @model_validator(mode="after")
@@ -30,14 +29,12 @@ class Params(OpParams):
         return self
 
 
-def merge(
-    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
     # Σ wᵢ·xᵢ term by term, each product rounded before it is added, then / Σ wᵢ (all in float32, as
     # mergekit, for the same bits).
     w = torch.tensor(params.weights or [1.0] * len(tensors), dtype=torch.float32)
     divisor = float(w.sum()) if params.normalize else None
-    return sl.weighted_sum(tensors, w.tolist(), out, divisor)
+    return sl.linear_combination(tensors, w.tolist(), ctx.out, divisor)
 
 
 OPERATOR = Operator(
@@ -48,8 +45,7 @@ OPERATOR = Operator(
     reference="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
     min_models=1,
     per_model=("weights",),
-    elementwise=True,
-    native_inputs=True,
+    runs="stored",
     # 1·x, or 1·x / 1; not (3·x) / 3, which rounds
     identity=lambda params, n, aux: (0, "single_source") if n == 1 and (params.weights or [1.0])[0] == 1.0 else None,
 )

@@ -12,12 +12,12 @@ as mergekit's model_stock. Deviation from mergekit: the dot products and norms a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field
 
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 NORM_FLOOR = 1e-6  # mergekit: ‖δᵢ‖·‖δⱼ‖ clamped at this
 SINGULAR = 1e-6  # mergekit: |1 + (N−1)cos θ| below this keeps the base
@@ -27,8 +27,8 @@ class Params(OpParams):
     filter_wise: bool = Field(False, description="one ratio t per vector along the last dimension instead of per tensor")
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], **extra) -> torch.Tensor:
-    n = len(tensors)
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    n, base = len(tensors), ctx.base
     dim = -1 if params.filter_wise and base.dim() > 1 else None
     keep = dim is not None
     f64 = torch.float64

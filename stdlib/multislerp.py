@@ -18,18 +18,17 @@ raises, though every direction then has zero length and the merged task vector i
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import Field, FiniteFloat, model_validator
+from pydantic import Field, model_validator
 
-from .operator import Operator, OpParams
+from .fields import Weights, weights_field
+from .operator import MergeContext, Operator, OpParams
 
 
 class Params(OpParams):
-    weights: Optional[list[FiniteFloat]] = Field(
-        None, description="one weight per model (may be negative)", json_schema_extra={"default_text": "1.0 each"}
-    )
+    weights: Weights = weights_field("one weight per model (may be negative)")
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
     eps: float = Field(1e-8, gt=0.0, allow_inf_nan=False, description="ε added to norms for numerical stability")
 
@@ -47,8 +46,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sum(a * b, dtype=torch.float64)
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], **extra) -> torch.Tensor:
-    n = len(tensors)
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    n, base = len(tensors), ctx.base
     if n == 1:
         return tensors[0].clone()
     xs = [x - base for x in tensors] if base is not None else list(tensors)

@@ -11,12 +11,12 @@ as mergekit's nearswap. Deviation from mergekit: t must be > 0 (mergekit accepts
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field
 
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 DIFF_FLOOR = 1e-6
 
@@ -25,8 +25,8 @@ class Params(OpParams):
     t: float = Field(..., gt=0.0, allow_inf_nan=False, description="distance from the base within which the model's value is taken")
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], **extra) -> torch.Tensor:
-    (x,) = tensors
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    (x,), base = tensors, ctx.base
     w = (params.t / (base - x).abs().clamp(min=DIFF_FLOOR)).clamp(0.0, 1.0)
     return w * x + (1 - w) * base
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 from pydantic import Field, FiniteFloat
 
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 NORM_EPS = 1e-7  # mergekit clamps norms at this before normalising
 COLINEAR_EPS = 1e-8  # colinear when 1 − cos²θ <= COLINEAR_EPS²
@@ -70,8 +70,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: Optional[int]) ->
     return out.reshape(shape)
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], **extra) -> torch.Tensor:
-    x0, x1 = tensors
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    (x0, x1), base = tensors, ctx.base
     t = t_from_weights(params.weights)
     dim = None if params.nuslerp_flatten else (0 if params.nuslerp_row_wise else -1)
     if base is None:

@@ -2,34 +2,87 @@
 
 An operator is a tensor-wise function lifted over models. Its module defines:
 
-* ``Params``: a pydantic model of its parameters, validated once per distinct
-  set of resolved values (a parameter written as a layer gradient or a selector
-  table is resolved to a plain number for each output tensor first);
-* ``merge(tensors, params, base, **extra)``: the math on float32 tensors of one shape (or, for a
-  ``native_inputs`` operator, on tensors of any float dtype, with an ``out`` keyword);
-* ``OPERATOR``: an :class:`Operator` naming the two and the arity.
+* ``Params``: a pydantic model of its parameters, validated once per distinct set of resolved values (a
+  parameter written as a layer gradient or a selector table is resolved to a plain number for each output
+  tensor first). An operator whose Params has a ``seed`` field draws random numbers (``Operator.random``);
+* ``merge(tensors, params, ctx)``: the math on the models' tensors of one shape (``tensors``, in order),
+  ``ctx`` a :class:`MergeContext` holding what some operators need besides them;
+* ``OPERATOR``: an :class:`Operator` naming the two, the arity, and how the runtime may run merge().
 
-``extra`` holds, by name, what an operator asks for beyond its models:
+How the runtime runs merge() (``Operator.runs``):
 
-* for each name in ``model_params`` (keyword parameters that take one model per input
-  model, such as ``fisher = [fa, fb]``), the list of those models' tensors, or None when
-  the recipe does not give it;
-* ``generator`` for a ``random`` operator: a CPU ``torch.Generator`` seeded from the
-  recipe's ``seed`` and the tensor's name, so results do not depend on the order of work
-  or the device. Draw random numbers on the CPU with it, then move them to the device.
+* ``"whole"``: every input is widened to float32 on the device and merge() is called once; it returns float32;
+* ``"slices"``: each output entry depends only on the same entry of the inputs, so merge() is called on float32
+  slices of the flattened inputs and the runtime fills the result slice by slice (in the dtype it is saved in),
+  never holding whole float32 copies of the inputs. Never for a random operator: its draws would depend on the
+  slicing;
+* ``"stored"``: merge() gets the tensors as stored (bf16, fp16, float32 ...) on the device and ``ctx.out``, a
+  tensor of the result's shape in the dtype it is saved in, to fill and return; it widens slice by slice itself
+  (see slices.py), so no whole float32 copy of an input or of the result exists. With ``ctx.out`` None (a call
+  outside the runtime) it returns a new float32 tensor.
+
+Each operator also declares the bytes merge() holds while it runs, beyond its inputs and result
+(``Operator.transient``), for the plan's peak-memory estimate; the default follows ``runs``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Sequence, Tuple
+from typing import Callable, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-MergeFn = Callable[[Sequence[torch.Tensor], BaseModel, Optional[torch.Tensor]], torch.Tensor]
+from .slices import GRAM_BUFFER, SLICE
+
+Runs = Literal["whole", "slices", "stored"]
+RUNS: tuple[Runs, ...] = ("whole", "slices", "stored")
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What merge() gets besides the models' tensors and the parameters."""
+
+    # the `base = model` input's tensor, or None when the recipe gives none
+    base: Optional[torch.Tensor] = None
+    # for each name in Operator.model_params (keyword parameters taking one model per input model, such as
+    # `fisher = [fa, fb]`): those models' tensors, in order; None (or absent) when the recipe does not give it
+    aux: Mapping[str, Optional[Sequence[torch.Tensor]]] = field(default_factory=dict)
+    # for a random operator: a CPU generator seeded from the recipe's `seed` and the tensor's name, so results
+    # do not depend on the order of work or the device. Draw on the CPU with it, then move the numbers to the
+    # device. None for the others
+    generator: Optional[torch.Generator] = None
+    # for a "stored" operator: None, or the tensor to fill with the result (the result's shape, saved dtype)
+    out: Optional[torch.Tensor] = None
+
+
+# merge(tensors, params, ctx) -> the result
+MergeFn = Callable[[Sequence[torch.Tensor], BaseModel, MergeContext], torch.Tensor]
 # (params, number of models, whether model-valued parameters such as Fisher weights are given) ->
 # (index of the model input the result is, bit for bit; the rule's name for `mgc plan --explain`) or None
 IdentityFn = Callable[[BaseModel, int, bool], Optional[Tuple[int, str]]]
+# (entries of the result, number of graph inputs (base, models and model-valued inputs), whether
+# model-valued inputs are given) -> bytes merge() holds while it runs, beyond its inputs and result
+TransientFn = Callable[[int, int, bool], int]
+
+
+def whole_transient(numel: int, inputs: int, aux: bool) -> int:
+    """A "whole" operator: float32 copies of every input, and as much again for its own temporaries."""
+    return 2 * 4 * numel * inputs
+
+
+def slices_transient(numel: int, inputs: int, aux: bool) -> int:
+    """A "slices" operator: float32 copies of one slice of each input, and two slices of temporaries."""
+    return (inputs + 2) * 4 * min(numel, SLICE)
+
+
+def stored_transient(numel: int, inputs: int, aux: bool) -> int:
+    """A "stored" operator: a few float32 slices per input and gram()'s float64 buffer."""
+    return (inputs + 3) * 4 * min(numel, SLICE) + min(GRAM_BUFFER, 8 * numel * inputs)
+
+
+DEFAULT_TRANSIENT: dict[Runs, TransientFn] = {
+    "whole": whole_transient, "slices": slices_transient, "stored": stored_transient,
+}
 
 
 class OpParams(BaseModel):
@@ -51,35 +104,35 @@ class Operator:
     # parameters that take one value per input model (a list as long as the models)
     per_model: tuple[str, ...] = field(default=())
     reference: str = ""
-    # keyword parameters that take one model per input model (lowered as extra graph inputs)
+    # keyword parameters that take one model per input model (lowered as extra graph inputs; ctx.aux)
     model_params: tuple[str, ...] = field(default=())
     # those of model_params that must be given
     required_model_params: tuple[str, ...] = field(default=())
-    # draws random numbers: its Params has an int `seed` and merge() gets a `generator`
-    random: bool = False
-    # each output entry depends only on the same entry of the inputs, so the runtime may run
-    # merge() on slices of a large tensor and never hold whole float32 copies of its inputs
-    elementwise: bool = False
-    # merge() takes its tensors as stored (bf16, fp16, float32 ...) and widens them slice by slice, and
-    # takes `out`: None (return float32) or a tensor of the result's shape to fill, in the dtype the result
-    # is saved in, so the runtime makes no whole float32 copy of the inputs or of the result
-    native_inputs: bool = False
+    # how the runtime runs merge(): see the module docstring
+    runs: Runs = "whole"
     # when the result is exactly one of the model inputs (slerp at t = 0): the optimizer then reads that
     # input instead of running merge(). Only identities merge() computes bit for bit belong here.
     identity: Optional[IdentityFn] = None
-    # bytes merge() holds beyond the runtime's own copies, for a result of `numel` entries: the plan's
-    # peak-memory estimate adds them (ties' whole-tensor |δ| and masks while it finds its cut)
-    scratch_bytes: Callable[[int], int] = field(default=lambda numel: 0)
+    # bytes merge() holds while it runs (see TransientFn); None: the default for `runs`
+    transient: Optional[TransientFn] = None
+
+    def __post_init__(self) -> None:
+        if self.runs not in RUNS:
+            raise ValueError(f"{self.name}: runs must be one of {', '.join(RUNS)}, not {self.runs!r}")
+        if self.runs == "slices" and self.random:
+            raise ValueError(f"{self.name}: a random operator cannot run in slices (its draws would depend on them)")
+        if self.transient is None:
+            object.__setattr__(self, "transient", DEFAULT_TRANSIENT[self.runs])
 
     @property
-    def runs_in_slices(self) -> bool:
-        """The runtime may call merge() slice by slice: elementwise, and no random draws over the whole tensor."""
-        return self.elementwise and not self.random
+    def random(self) -> bool:
+        """Draws random numbers: its Params has a ``seed``, and merge() gets ``ctx.generator``."""
+        return "seed" in self.params.model_fields
 
-    @property
-    def fills_output(self) -> bool:
-        """The runtime can have this operator produce its result in the saved dtype, with no float32 copy."""
-        return self.native_inputs or self.runs_in_slices
+    def result_dtype(self, saved: Optional[torch.dtype]) -> torch.dtype:
+        """The dtype of the result when its only users save it as `saved` (None: other users): an operator
+        that fills its result ("slices", "stored") writes the saved dtype directly, the others float32."""
+        return saved if saved is not None and self.runs != "whole" else torch.float32
 
     def arity_text(self) -> str:
         if self.max_models is None:

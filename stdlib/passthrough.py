@@ -4,19 +4,19 @@ Used for `with` overrides and `stack` (layer selection needs no math). Reference
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field, FiniteFloat
 
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 
 class Params(OpParams):
     scale: FiniteFloat = Field(1.0, description="factor applied to the tensor")
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
     return tensors[0] * params.scale
 
 
@@ -28,6 +28,6 @@ OPERATOR = Operator(
     reference="mergekit passthrough (Goddard et al. 2024, arXiv:2403.13257)",
     min_models=1,
     max_models=1,
-    elementwise=True,
+    runs="slices",
     identity=lambda params, n, aux: (0, "identity_passthrough") if params.scale == 1 else None,
 )

@@ -18,13 +18,13 @@ which zeroes every task vector and returns base, and values above 1, which selec
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field
 
-from . import sparsify as sp
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
+from .task_vectors import TaskVectors, sign_agreement
 
 
 class Params(OpParams):
@@ -56,18 +56,19 @@ def _model_weights(deltas: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
-def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
+def merge_deltas(deltas: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    base = ctx.base
     stacked = torch.stack(list(deltas))
     if params.select_topk < 1:
         stacked = stacked * _select(stacked, params.select_topk)
-    agree = sp.sign_agreement(stacked)
+    agree = sign_agreement(stacked)
     w = _model_weights(stacked).reshape(-1, *[1] * base.dim()) * agree
     merged = (stacked * w).sum(dim=0)
     return base + merged / w.sum(dim=0).clamp(min=1e-6)
 
 
-def merge(tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor]) -> torch.Tensor:
-    return merge_deltas(sp.TaskVectors(tensors, base), params, base)
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
+    return merge_deltas(TaskVectors(tensors, ctx.base), params, ctx)
 
 
 OPERATOR = Operator(

@@ -7,13 +7,13 @@ Reference: Shoemake, "Animating rotation with quaternion curves" (1985); formula
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import Field
 
 from . import slices as sl
-from .operator import Operator, OpParams
+from .operator import MergeContext, Operator, OpParams
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -35,13 +35,11 @@ def coefficients(gram: torch.Tensor, t: float) -> tuple[float, float]:
     return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def merge(
-    tensors: Sequence[torch.Tensor], params: Params, base: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) -> torch.Tensor:
     # One pass for the Gram matrix (moved to the CPU once: the scalar math never syncs a device again),
     # one for c₀·x₀ + c₁·x₁.
     c0, c1 = coefficients(sl.gram(tensors).cpu(), params.t)
-    return sl.weighted_sum(tensors, (c0, c1), out)
+    return sl.linear_combination(tensors, (c0, c1), ctx.out)
 
 
 OPERATOR = Operator(
@@ -52,6 +50,6 @@ OPERATOR = Operator(
     reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
     min_models=2,
     max_models=2,
-    native_inputs=True,
+    runs="stored",
     identity=lambda params, n, aux: (0, "slerp_t0") if params.t == 0 else (1, "slerp_t1") if params.t == 1 else None,
 )

@@ -1,4 +1,4 @@
-"""Slice-by-slice building blocks for operators that take their inputs as stored (``native_inputs``).
+"""Slice-by-slice building blocks for operators that take their inputs as stored (``runs="stored"``).
 
 A private helper module: it registers no operator. The inputs may be bf16 or fp16 as read from a
 checkpoint; each slice is widened to float32 (or float64) just before use, so no whole widened copy of
@@ -48,7 +48,7 @@ def gram(tensors: Sequence[torch.Tensor], size: Optional[int] = None) -> torch.T
     return g.triu() + g.triu(1).T
 
 
-def weighted_sum(
+def linear_combination(
     tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out: Optional[torch.Tensor] = None,
     divisor: Optional[float] = None,
 ) -> torch.Tensor:

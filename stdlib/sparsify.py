@@ -1,8 +1,7 @@
-"""Shared pieces of the task-vector operators: sparsifying one task vector δ = x − base, and
-combining the sparsified task vectors (a weighted sum, or TIES' sign election and disjoint mean).
+"""Sparsifying one task vector δ = x − base: which of its entries the task-vector operators keep (the keep
+rules of task_vectors.py are made of these).
 
-A private helper module: it registers no operator. The math follows mergekit 0.1.5
-(``mergekit/sparsify.py`` and ``merge_methods/generalized_task_arithmetic.py``):
+A private helper module: it registers no operator. The math follows mergekit 0.1.5 (``mergekit/sparsify.py``):
 
 * magnitude: keep the ``int(density·numel)`` entries of largest |δ| (TIES);
 * random (DARE): keep each entry independently with probability ``density``;
@@ -22,47 +21,14 @@ device, which cannot be reproduced draw for draw: masks follow the same distribu
 """
 from __future__ import annotations
 
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Annotated, Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
-from pydantic import Field
 
 from . import slices as sl
 
 _NORM_EPS = 1e-7  # mergekit's tolerance below which an L1 norm is not rescaled
-
-
-class TaskVectors(SequenceABC):
-    """The task vectors δᵢ = xᵢ − base of the models, each computed when it is read.
-
-    What an operator's ``merge`` hands its ``merge_deltas``: one that takes the task vectors one at a
-    time (a weighted sum) then holds one at a time, and every δᵢ is the same float32 difference.
-    """
-
-    def __init__(self, tensors: Sequence[torch.Tensor], base: torch.Tensor):
-        self._tensors, self._base = tensors, base
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self._tensors[i] - self._base
-
-
-def per_model(values: Optional[Sequence[float]], n: int, default: float, name: str, op: str) -> list[float]:
-    """The list of one value per model, the default for each when the recipe gives none."""
-    if values is None:
-        return [default] * n
-    if len(values) != n:
-        raise ValueError(f"{op}: '{name}' has {len(values)} values for {n} models")
-    return list(values)
-
-
-def per_model_values(params, n: int, op: str, **defaults: float) -> list[list[float]]:
-    """For each name given with its default, that per-model parameter of ``params`` as one value per model."""
-    return [per_model(getattr(params, name), n, default, name, op) for name, default in defaults.items()]
 
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool, *, wide_norms: bool) -> torch.Tensor:
@@ -243,109 +209,3 @@ def della(delta: torch.Tensor, density: float, epsilon: float, rescale: bool, ge
     u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device="cpu")
     keep = (u.to(delta.device) < probs).to(delta.dtype)
     return _rescaled(delta, keep, rescale, wide_norms=True)
-
-
-# ---------------------------------------------------------------- combining
-
-
-def weighted_sum(deltas: Iterable[torch.Tensor], weights: Sequence[float], normalize: bool, lambda_: float) -> torch.Tensor:
-    """λ·Σ wᵢδᵢ, divided by Σ wᵢ when ``normalize`` (by 1 when |Σ wᵢ| < 1e-8, as mergekit).
-
-    Accumulated model by model in float32, bit-identical to mergekit's sum over its stacked deltas.
-    ``deltas`` may be a generator, so only one task vector is held at a time.
-    """
-    total: Optional[torch.Tensor] = None
-    w: Optional[torch.Tensor] = None
-    for i, d in enumerate(deltas):
-        if total is None:
-            w = torch.tensor(list(weights), dtype=d.dtype, device=d.device)
-            total = torch.zeros_like(d)
-        total += d * w[i]
-    if normalize:
-        divisor = w.sum()
-        total /= torch.where(divisor.abs() < 1e-8, 1.0, divisor)
-    if lambda_ != 1:
-        total.mul_(lambda_)
-    return total
-
-
-def sign_agreement(stacked: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election ("sum" consensus) over dim 0: 1.0 where an entry's sign equals the sign of the
-    sum over models (a zero sum elects +), else 0.0. Zero entries never agree."""
-    elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
-    return (stacked.sign() == elected).to(stacked.dtype)
-
-
-def disjoint_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool, lambda_: float) -> torch.Tensor:
-    """TIES' combination: λ·Σ wᵢδᵢ[agree] / Σ wᵢ[agree] (the disjoint mean; the plain agreeing sum without
-    ``normalize``), the signs elected on the weighted task vectors; a zero divisor divides by 1.
-    A list of deltas is emptied, so that their memory is freed as soon as they are stacked."""
-    stacked = torch.stack(list(deltas))
-    if isinstance(deltas, list):
-        deltas.clear()  # the caller's copies are in `stacked` now
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(-1, *[1] * (stacked.dim() - 1))
-    # In place where the values are not needed again: the same arithmetic, a third of the memory.
-    weighted = stacked.mul_(w)
-    agree = sign_agreement(weighted)
-    mixed = weighted.mul_(agree).sum(dim=0)
-    del weighted, stacked
-    if normalize:
-        divisor = agree.mul_(w).sum(dim=0)
-        mixed /= torch.where(divisor == 0, 1.0, divisor)
-    if lambda_ != 1:
-        mixed *= lambda_
-    return mixed
-
-
-# ---------------------------------------------------------------- parameter schema pieces
-
-Density = Annotated[float, Field(gt=0.0, le=1.0)]
-Gamma = Annotated[float, Field(ge=0.0, le=1.0)]
-Epsilon = Annotated[float, Field(ge=0.0, lt=1.0)]
-DELLA_EPSILON = 0.15  # mergekit's default epsilon
-
-
-def weights_field():
-    return Field(
-        None, description="one weight per model, multiplying its sparsified task vector",
-        json_schema_extra={"default_text": "1.0 each"},
-    )
-
-
-def density_field(what: str):
-    return Field(None, description=f"fraction of each task vector's entries kept{what}", json_schema_extra={"default_text": "1.0 each"})
-
-
-def normalize_field(default: bool, what: str = "the weights"):
-    return Field(default, description=f"divide the merged task vector by the sum of {what}")
-
-
-def rescale_field(default: bool):
-    return Field(default, description="scale each sparsified task vector back to its original L1 norm")
-
-
-def lambda_field():
-    return Field(1.0, alias="lambda", description="scale of the merged task vector")
-
-
-def seed_field():
-    return Field(0, ge=0, description="seed of the random masks (combined with each tensor's name)")
-
-
-def check_della(density: Optional[Sequence[float]], epsilon: Optional[Sequence[float]]) -> None:
-    """density ± epsilon must lie in (0, 1) for every model whose density is below 1."""
-    densities = list(density) if density is not None else None
-    epsilons = list(epsilon) if epsilon is not None else None
-    if densities is None:
-        return  # density 1 everywhere: nothing is pruned and epsilon is unused
-    if epsilons is None:
-        epsilons = [DELLA_EPSILON] * len(densities)
-    elif len(epsilons) != len(densities):
-        return  # lengths are checked against the models when merging
-    for d, e in zip(densities, epsilons):
-        if d < 1 and not (d - e > 0 and d + e < 1):
-            raise ValueError(
-                f"density ± epsilon must lie in (0, 1) wherever density < 1; got density {d:g}, epsilon {e:g}"
-            )
-

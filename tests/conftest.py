@@ -34,3 +34,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def call_merge(op, tensors, params, base=None, *, generator=None, out=None, **aux):
+    """``op.merge(tensors, params, ctx)`` (op: an Operator or an operator's module) with the context built from
+    keywords as the runtime builds it: ``base``, ``generator``, ``out``, and model-valued inputs by name."""
+    from mgc.stdlib.operator import MergeContext
+
+    return op.merge(tensors, params, MergeContext(base=base, aux=aux, generator=generator, out=out))

@@ -1,8 +1,8 @@
-"""Operators that take their inputs as stored (``native_inputs``): linear, slerp, karcher and ties read
+"""Operators that take their inputs as stored (``runs="stored"``): linear, slerp, karcher and ties read
 bf16/fp16 tensors, widen them slice by slice and fill an ``out`` tensor in the saved dtype.
 
 Each claim is checked against an independent statement of the math: bit for bit where the module claims
-the same bits as the one-piece float32 computation (linear, ties, weighted_sum, the magnitude trim), to a
+the same bits as the one-piece float32 computation (linear, ties, linear_combination, the magnitude trim), to a
 float64 reference where the math is a closed form or a fixed point (slerp, karcher, gram). The slice size
 is monkeypatched to 1000 entries so every tensor spans many slices and a partial last one.
 """
@@ -30,7 +30,9 @@ import mgc.stdlib.ties as ties
 from mgc.api import compile_recipe, run
 from mgc.compiler.ir import Apply, Graph, Load, Save
 from mgc.runtime.allocator import keep_freed_memory
+from conftest import call_merge
 from mgc.stdlib import OPERATORS
+from mgc.stdlib.operator import MergeContext
 
 ORIGINAL_OPERATORS = dict(OPERATORS)
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -173,11 +175,11 @@ def test_linear_fills_out_with_the_bits_of_the_one_piece_float32_reference(small
     params = linear.Params(weights=weights, normalize=normalize)
     want = linear_reference(xs, weights, normalize)
     out = torch.empty(SHAPE, dtype=out_dtype)
-    got = linear.merge(xs, params, None, out=out)
+    got = call_merge(linear, xs, params, None, out=out)
     assert got is out
     assert same_bits(got, want.to(out_dtype))
 
-    wide = linear.merge(xs, params, None)
+    wide = call_merge(linear, xs, params, None)
     assert wide.dtype == torch.float32 and wide.shape == SHAPE
     assert same_bits(wide, want)
 
@@ -185,8 +187,8 @@ def test_linear_fills_out_with_the_bits_of_the_one_piece_float32_reference(small
 def test_linear_takes_inputs_of_mixed_dtypes(small_slices):
     xs = [randn(SHAPE, 4, torch.bfloat16), randn(SHAPE, 5, torch.float16), randn(SHAPE, 6, torch.float32)]
     params = linear.Params(weights=[0.2, 0.5, 0.3])
-    assert same_bits(linear.merge(xs, params, None), linear_reference(xs, [0.2, 0.5, 0.3], True))
-    out = linear.merge(xs, params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
+    assert same_bits(call_merge(linear, xs, params, None), linear_reference(xs, [0.2, 0.5, 0.3], True))
+    out = call_merge(linear, xs, params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
     assert same_bits(out, linear_reference(xs, [0.2, 0.5, 0.3], True).bfloat16())
 
 
@@ -196,7 +198,7 @@ def test_linear_slice_size_does_not_change_the_bits(monkeypatch):
     results = []
     for size in (SMALL_SLICE, 999, 1 << 18):
         monkeypatch.setattr(slices, "SLICE", size)
-        results.append(linear.merge(xs, params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16)))
+        results.append(call_merge(linear, xs, params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16)))
     assert all(same_bits(r, results[0]) for r in results[1:])
 
 
@@ -234,15 +236,15 @@ def test_ties_matches_merge_deltas_on_float32_copies_bit_for_bit(small_slices, k
     k = max(1, int(0.5 * mags.numel()))
     assert int((mags == torch.kthvalue(mags, mags.numel() - k + 1).values).sum()) > 100
 
-    want = ties.merge_deltas([d.clone() for d in deltas], params, base.float())
+    want = ties.merge_deltas([d.clone() for d in deltas], params, MergeContext(base=base.float()))
     assert want.dtype == torch.float32
 
     out = torch.empty(SHAPE, dtype=torch.bfloat16)
-    got = ties.merge(xs, params, base, out=out)
+    got = call_merge(ties, xs, params, base, out=out)
     assert got is out
     assert same_bits(got, want.bfloat16())
 
-    wide = ties.merge(xs, params, base)
+    wide = call_merge(ties, xs, params, base)
     assert wide.dtype == torch.float32
     assert same_bits(wide, want)
 
@@ -250,14 +252,14 @@ def test_ties_matches_merge_deltas_on_float32_copies_bit_for_bit(small_slices, k
 def test_ties_with_a_single_model_and_inputs_of_mixed_dtypes(small_slices):
     base, (x,) = ties_inputs(1, seed=20)
     params = ties.Params(density=[0.4], lambda_=0.9)
-    want = ties.merge_deltas([x.float() - base.float()], params, base.float())
-    assert same_bits(ties.merge([x], params, base, out=torch.empty(SHAPE, dtype=torch.bfloat16)), want.bfloat16())
+    want = ties.merge_deltas([x.float() - base.float()], params, MergeContext(base=base.float()))
+    assert same_bits(call_merge(ties, [x], params, base, out=torch.empty(SHAPE, dtype=torch.bfloat16)), want.bfloat16())
 
     base16, xs = base.half(), [x, x.float() * 0.5]  # fp16 base, a bf16 and a float32 model
     params = ties.Params(density=[0.4, 0.6])
-    want = ties.merge_deltas([t.float() - base16.float() for t in xs], params, base16.float())
-    assert same_bits(ties.merge(xs, params, base16), want)
-    assert same_bits(ties.merge(xs, params, base16, out=torch.empty(SHAPE, dtype=torch.float16)), want.half())
+    want = ties.merge_deltas([t.float() - base16.float() for t in xs], params, MergeContext(base=base16.float()))
+    assert same_bits(call_merge(ties, xs, params, base16), want)
+    assert same_bits(call_merge(ties, xs, params, base16, out=torch.empty(SHAPE, dtype=torch.float16)), want.half())
 
 
 # ---------------------------------------------------------------- 2. slerp and karcher against float64
@@ -274,12 +276,12 @@ def test_slerp_matches_the_float64_closed_form(small_slices, t):
     assert 0.2 < cos < 0.99
 
     params = slerp.Params(t=t)
-    got = slerp.merge([x0, x1], params, None)
+    got = call_merge(slerp, [x0, x1], params, None)
     assert got.dtype == torch.float32 and got.shape == SHAPE
     want = slerp_reference(x0, x1, t)
     assert_close_rel(got, want)
 
-    out = slerp.merge([x0, x1], params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
+    out = call_merge(slerp, [x0, x1], params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
     assert same_bits(out, got.bfloat16())
 
 
@@ -288,7 +290,7 @@ def test_slerp_of_nearly_parallel_tensors_is_the_lerp(small_slices):
     x1 = (x0.float() * 1.5 + randn(SHAPE, 33, torch.float32, scale=1e-3)).bfloat16()
     a, b = x0.double().reshape(-1), x1.double().reshape(-1)
     assert float(a @ b) / float(a.norm() * b.norm()) > 0.9995
-    got = slerp.merge([x0, x1], slerp.Params(t=0.3), None)
+    got = call_merge(slerp, [x0, x1], slerp.Params(t=0.3), None)
     assert_close_rel(got, 0.7 * x0.double() + 0.3 * x1.double())
 
 
@@ -297,11 +299,11 @@ def test_karcher_of_two_models_is_the_slerp_of_their_directions(small_slices, w1
     x1 = randn(SHAPE, 40, scale=2.0)
     x2 = (randn(SHAPE, 41, torch.float32, scale=0.5) + 0.3 * x1.float()).bfloat16()
     params = karcher.Params(weights=[w1, w2], max_iter=100, tol=1e-12)
-    got = karcher.merge([x1, x2], params, None)
+    got = call_merge(karcher, [x1, x2], params, None)
     assert got.dtype == torch.float32
     assert_close_rel(got, karcher_two_reference(x1, x2, w1, w2))
 
-    out = karcher.merge([x1, x2], params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
+    out = call_merge(karcher, [x1, x2], params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
     assert same_bits(out, got.bfloat16())
 
 
@@ -314,17 +316,17 @@ def test_karcher_of_several_models_matches_a_dense_float64_fixed_point(small_sli
     xs = [(shared * 0.6 + randn(SHAPE, 51 + i, torch.float32, scale=0.8)).to(dtype)
           for i, dtype in enumerate((torch.bfloat16, torch.bfloat16, torch.float16, torch.bfloat16))]
     params = karcher.Params(weights=weights, max_iter=max_iter, tol=tol)
-    got = karcher.merge(xs, params, None)
+    got = call_merge(karcher, xs, params, None)
     assert_close_rel(got, karcher_dense_reference(xs, weights, max_iter, tol))
 
-    out = karcher.merge(xs, params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
+    out = call_merge(karcher, xs, params, None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
     assert same_bits(out, got.bfloat16())
 
 
 def test_karcher_drops_a_zero_model_from_the_directions_but_not_from_the_norm(small_slices):
     xs = [randn(SHAPE, 60), randn(SHAPE, 61), torch.zeros(SHAPE, dtype=torch.bfloat16)]
     params = karcher.Params(weights=[1.0, 2.0, 1.0], max_iter=100, tol=1e-12)
-    got = karcher.merge(xs, params, None)
+    got = call_merge(karcher, xs, params, None)
     want = karcher_dense_reference(xs, [1.0, 2.0, 1.0], 100, 1e-12)
     assert_close_rel(got, want)
     # and the zero model's weight still counts in the norm: ‖result‖ = (1·‖x₁‖ + 2·‖x₂‖ + 1·0) / 4
@@ -334,12 +336,12 @@ def test_karcher_drops_a_zero_model_from_the_directions_but_not_from_the_norm(sm
 
 def test_karcher_of_one_model_copies_it_into_out():
     x = randn(SHAPE, 70)
-    assert same_bits(karcher.merge([x], karcher.Params(), None), x.float())
-    out = karcher.merge([x], karcher.Params(), None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
+    assert same_bits(call_merge(karcher, [x], karcher.Params(), None), x.float())
+    out = call_merge(karcher, [x], karcher.Params(), None, out=torch.empty(SHAPE, dtype=torch.bfloat16))
     assert same_bits(out, x)
 
 
-# ---------------------------------------------------------------- 3. slices.gram and slices.weighted_sum
+# ---------------------------------------------------------------- 3. slices.gram and slices.linear_combination
 
 
 GRAM_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.bfloat16]
@@ -382,7 +384,7 @@ def test_weighted_sum_with_divisor_into_out(small_slices, divisor, out_dtype):
     coefficients = [0.3, -1.7, 2.25]
     want = weighted_sum_reference(xs, coefficients, divisor)
     out = None if out_dtype is None else torch.empty(SHAPE, dtype=out_dtype)
-    got = slices.weighted_sum(xs, coefficients, out, divisor=divisor)
+    got = slices.linear_combination(xs, coefficients, out, divisor=divisor)
     if out is not None:
         assert got is out
     assert same_bits(got, want if out_dtype is None else want.to(out_dtype))
@@ -558,9 +560,9 @@ def spy_out_dtypes(monkeypatch, ops) -> dict[str, set]:
     for name in ops:
         op = ORIGINAL_OPERATORS[name]  # not a spy a previous call left in OPERATORS
 
-        def merge(*args, _merge=op.merge, _name=name, **kw):
-            seen[_name].add(None if kw.get("out") is None else kw["out"].dtype)
-            return _merge(*args, **kw)
+        def merge(tensors, params, ctx, _merge=op.merge, _name=name):
+            seen[_name].add(None if ctx.out is None else ctx.out.dtype)
+            return _merge(tensors, params, ctx)
 
         monkeypatch.setitem(OPERATORS, name, dataclasses.replace(op, merge=merge))
     return seen

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from conftest import call_merge
 from mgc.stdlib import OPERATORS
 
 
@@ -15,7 +16,7 @@ def run(name, tensors, base=None, **params):
     op = OPERATORS[name]
     ts = [torch.as_tensor(np.asarray(t, dtype=np.float32)) for t in tensors]
     b = None if base is None else torch.as_tensor(np.asarray(base, dtype=np.float32))
-    out = op.merge(ts, op.params(**params), b)
+    out = call_merge(op, ts, op.params(**params), b)
     assert out.dtype == torch.float32 and out.shape == ts[0].shape
     return out.numpy().astype(np.float64)
 
@@ -68,7 +69,7 @@ def test_shape_dtype_and_inputs_untouched(name, n, base, params):
     before = [t.astype(np.float32).copy() for t in ts]
     torch_ts = [torch.tensor(t, dtype=torch.float32) for t in ts]
     op = OPERATORS[name]
-    out = op.merge(torch_ts, op.params(**params), None if b is None else torch.tensor(b, dtype=torch.float32))
+    out = call_merge(op, torch_ts, op.params(**params), None if b is None else torch.tensor(b, dtype=torch.float32))
     assert out.dtype == torch.float32 and out.shape == (3, 4)
     assert all(np.array_equal(t.numpy(), e) for t, e in zip(torch_ts, before))
     assert all(out is not t for t in torch_ts)

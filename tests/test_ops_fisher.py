@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from mgc.api import compile_recipe, run as run_recipe
 from mgc.core.errors import CheckpointError, MgcError, RecipeTypeError
+from conftest import call_merge
 from mgc.stdlib import OPERATORS
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -33,7 +34,7 @@ def run(name, tensors, fisher=None, **params):
     ts = [t32(t) for t in tensors]
     fs = None if fisher is None else [t32(f) for f in fisher]
     extra = {name: fs for name in op.model_params}  # as the runtime passes it: None when not given
-    out = op.merge(ts, op.params(**params), None, **extra)
+    out = call_merge(op, ts, op.params(**params), None, **extra)
     assert fisher is None or extra
     assert out.dtype == torch.float32 and out.shape == ts[0].shape
     return out.numpy().astype(np.float64)
@@ -145,7 +146,7 @@ def test_shape_dtype_and_inputs_untouched(name):
     fs = [torch.tensor(rng.random((3, 4)), dtype=torch.float32) for _ in range(3)]
     before = [t.clone() for t in xs + fs]
     op = OPERATORS[name]
-    out = op.merge(xs, op.params(), None, fisher=fs)
+    out = call_merge(op, xs, op.params(), None, fisher=fs)
     assert out.dtype == torch.float32 and out.shape == (3, 4) and torch.isfinite(out).all()
     assert all(torch.equal(t, b) for t, b in zip(xs + fs, before))
     assert all(out is not t for t in xs + fs)
@@ -277,8 +278,8 @@ def test_karcher_fisher_none_is_unchanged():
         expected = plain_karcher_before_fisher(ts, w, **params)
         # The plain path now iterates on the Gram matrix of the units: the same iteration, equal up
         # to float rounding to the dense form it replaced.
-        torch.testing.assert_close(op.merge(ts, p, None), expected, rtol=1e-6, atol=1e-7)
-        assert torch.equal(op.merge(ts, p, None, fisher=None), op.merge(ts, p, None))
+        torch.testing.assert_close(call_merge(op, ts, p, None), expected, rtol=1e-6, atol=1e-7)
+        assert torch.equal(call_merge(op, ts, p, None, fisher=None), call_merge(op, ts, p, None))
 
 
 @pytest.mark.parametrize("varying", [False, True])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from conftest import call_merge
 from mgc.stdlib import OPERATORS
 
 NAMES = ("multislerp", "nuslerp", "model_stock", "arcee_fusion", "nearswap")
@@ -18,7 +19,7 @@ def run(name, tensors, base=None, **params):
     op = OPERATORS[name]
     ts = [torch.as_tensor(np.asarray(t, dtype=np.float32)) for t in tensors]
     b = None if base is None else torch.as_tensor(np.asarray(base, dtype=np.float32))
-    out = op.merge(ts, op.params(**params), b)
+    out = call_merge(op, ts, op.params(**params), b)
     assert out.dtype == torch.float32 and out.shape == ts[0].shape
     return out.numpy().astype(np.float64)
 
@@ -86,7 +87,7 @@ def test_shape_dtype_and_inputs_untouched(name, n, base, params):
     b = torch.tensor(rng.standard_normal((3, 4)), dtype=torch.float32) if base else None
     before = [t.clone() for t in ts] + ([b.clone()] if base else [])
     op = OPERATORS[name]
-    out = op.merge(ts, op.params(**params), b)
+    out = call_merge(op, ts, op.params(**params), b)
     assert out.dtype == torch.float32 and out.shape == (3, 4) and torch.isfinite(out).all()
     assert all(torch.equal(t, e) for t, e in zip(ts + ([b] if base else []), before))
     assert all(out is not t for t in ts) and out is not b
@@ -426,7 +427,7 @@ def test_arcee_fusion_subsamples_large_tensors_by_seed():
     op = OPERATORS["arcee_fusion"]
 
     def merged(seed, gen_seed):
-        return op.merge([x], op.params(seed=seed), base, generator=torch.Generator().manual_seed(gen_seed))
+        return call_merge(op, [x], op.params(seed=seed), base, generator=torch.Generator().manual_seed(gen_seed))
 
     a, b, c = merged(0, 7), merged(0, 7), merged(0, 8)
     assert torch.equal(a, b)  # same generator, same result

@@ -14,7 +14,9 @@ import torch
 from pydantic import ValidationError
 
 from mgc.runtime.apply import tensor_generator
+from conftest import call_merge
 from mgc.stdlib import OPERATORS
+from mgc.stdlib.operator import MergeContext
 
 NEW = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce")
 RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")
@@ -28,7 +30,7 @@ def run(name, tensors, base, seed=0, **params):
     ts = [torch.as_tensor(np.asarray(t, dtype=np.float32)) for t in tensors]
     b = torch.as_tensor(np.asarray(base, dtype=np.float32))
     extra = {"generator": torch.Generator().manual_seed(seed)} if op.random else {}
-    out = op.merge(ts, op.params(**params), b, **extra)
+    out = call_merge(op, ts, op.params(**params), b, **extra)
     assert out.dtype == torch.float32 and out.shape == ts[0].shape
     return out.numpy().astype(np.float64)
 
@@ -111,7 +113,7 @@ def test_shape_dtype_and_inputs_untouched(name):
     op = OPERATORS[name]
     params = {"select_topk": 0.5} if name == "sce" else {"density": [0.5, 0.6, 0.7]}
     extra = {"generator": torch.Generator().manual_seed(1)} if op.random else {}
-    out = op.merge(ts, op.params(**params), base, **extra)
+    out = call_merge(op, ts, op.params(**params), base, **extra)
     assert out.dtype == torch.float32 and out.shape == (6, 8) and torch.isfinite(out).all()
     assert all(torch.equal(a, b) for a, b in zip(ts + [base], before))
 
@@ -321,7 +323,7 @@ def test_runtime_generators_per_tensor_and_seed():
     p = op.params(density=[0.4, 0.4], seed=5)
 
     def go(seed, tensor):
-        return op.merge(xs, p, base, generator=tensor_generator(seed, tensor))
+        return call_merge(op, xs, p, base, generator=tensor_generator(seed, tensor))
 
     assert torch.equal(go(5, "model.layers.0.mlp.up_proj.weight"), go(5, "model.layers.0.mlp.up_proj.weight"))
     assert not torch.equal(go(5, "model.layers.0.mlp.up_proj.weight"), go(5, "model.layers.1.mlp.up_proj.weight"))
@@ -531,8 +533,8 @@ def test_merge_is_merge_deltas_of_the_task_vectors_bit_for_bit(name):
 
     deltas = [x - base for x in xs]
     kept = [d.clone() for d in deltas]
-    from_models = op.merge(xs, params, base, **extra())
-    from_deltas = import_module(f"mgc.stdlib.{name}").merge_deltas(deltas, params, base, **extra())
+    from_models = call_merge(op, xs, params, base, **extra())
+    from_deltas = import_module(f"mgc.stdlib.{name}").merge_deltas(deltas, params, MergeContext(base=base, **extra()))
     assert torch.equal(from_models, from_deltas)
     assert len(deltas) == 3 and all(torch.equal(d, k) for d, k in zip(deltas, kept))  # shared inputs untouched
 
