@@ -40,16 +40,23 @@ class Node:
         )
 
 
-@dataclass(frozen=True)
-class Load(Node):
-    checkpoint: Path
-    tensor: str
+class Stored:
+    """A tensor as a file holds it (a load's input, a save's output): its size is its shape and dtype's."""
+
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class Load(Node, Stored):
+    checkpoint: Path
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
     def label(self) -> str:
         return f"load {self.checkpoint.name}:{self.tensor}"
@@ -93,15 +100,11 @@ class Apply(Node):
 
 
 @dataclass(frozen=True)
-class Save(Node):
+class Save(Node, Stored):
     output: Path
     tensor: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
 
     def label(self) -> str:
         return f"save {self.output.name}:{self.tensor}"
