@@ -276,6 +276,38 @@ def _describe(terminals) -> str:
     return ", ".join(names)
 
 
+_CLOSERS = {"(": "RPAR", "[": "RSQB", "{": "RBRACE"}
+
+
+def _innermost_open(text: str, end: int) -> Optional[str]:
+    """The innermost bracket still open before offset `end` (strings and comments skipped), or None.
+    lark's expected set merges the states of every bracket, so the hint and the list come from this."""
+    stack: list[str] = []
+    i = 0
+    while i < end:
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < end and text[i] not in '"\n':
+                i += 2 if text[i] == "\\" else 1
+        elif ch == "#":
+            while i < end and text[i] != "\n":
+                i += 1
+        elif ch in _CLOSERS:
+            stack.append(ch)
+        elif ch in ")]}" and stack:
+            stack.pop()
+        i += 1
+    return stack[-1] if stack else None
+
+
+def _matching_closer(expected: set, opener: Optional[str]) -> set:
+    """`expected` without the closers of brackets other than the innermost open one."""
+    if opener is None:
+        return expected
+    return {t for t in expected if t not in _CLOSERS.values() or t == _CLOSERS[opener]}
+
+
 def _token_text(tok: Token) -> str:
     if tok.type == "$END":
         return "end of file"
@@ -287,13 +319,15 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> RecipeSyntaxError:
     if isinstance(e, UnexpectedToken) and e.token.type != "$END":
         tok = e.token
         span = Span(source, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
-        expected = set(e.expected)
+        opener = _innermost_open(source.text, tok.start_pos)
+        expected = _matching_closer(set(e.expected), opener)
         prev = (e.token_history or [None])[-1]
         if tok.type == "EQUAL" and prev is not None and prev.type in ("SAVE", "DEF", "TO", "WITH"):
             return RecipeSyntaxError(f"'{prev}' is a keyword and cannot be a name", _span(source, prev))
         msg = f"unexpected {_token_text(tok)}; expected {_describe(expected)}"
-        if "RPAR" in expected and tok.type in ("NAME", "STRING", "SIGNED_NUMBER"):
-            hint = "a ',' or a ')' is missing before this"
+        closer = next((t for t in ("RPAR", "RSQB", "RBRACE") if t in expected), None)
+        if closer and tok.type in ("NAME", "STRING", "SIGNED_NUMBER"):
+            hint = f"a ',' or a {_READABLE[closer]} is missing before this"
         elif tok.type == "EQUAL" and "COLON" in expected:
             hint = "table entries are written key: value"
         elif tok.type == "COLON" and "EQUAL" in expected:
@@ -304,14 +338,12 @@ def _syntax_error(e: UnexpectedInput, source: Source) -> RecipeSyntaxError:
             hint = "a statement is `name = expression`, `def name(params) = expression` or `save expression to \"dir\"`"
     elif isinstance(e, (UnexpectedToken, UnexpectedEOF)):
         span = end_of(source)
-        expected = set(getattr(e, "expected", ()) or ())
+        opener = _innermost_open(source.text, len(source.text))
+        expected = _matching_closer(set(getattr(e, "expected", ()) or ()), opener)
         msg = "unexpected end of file" + (f"; expected {_describe(expected)}" if expected else "")
-        if "RPAR" in expected:
-            hint = "a ')' is missing"
-        elif "RBRACE" in expected:
-            hint = "a '}' is missing"
-        elif "RSQB" in expected:
-            hint = "a ']' is missing"
+        closer = next((t for t in ("RPAR", "RBRACE", "RSQB") if t in expected), None)
+        if closer:
+            hint = f"a {_READABLE[closer]} is missing"
     elif isinstance(e, UnexpectedCharacters):
         span = Span(source, e.line, e.column, e.line, e.column + 1)
         ch = source.text[e.pos_in_stream] if e.pos_in_stream is not None else "?"

@@ -374,6 +374,16 @@ def test_missing_comma_between_args():
     )
 
 
+def test_the_hint_names_the_innermost_open_bracket():
+    """lark's expected set mixes every bracket's closer; the hint and the list name the one still open."""
+    assert_syntax_error("x = linear(a, weights = [1 2])\n", 1, 28, "expected ',', '.', ']'", "a ',' or a ']' is missing before this")
+    assert_syntax_error('save a to "o" { dtype = bf16 shard = "1GB" }\n', 1, 30, "expected ',', '}'",
+                        "a ',' or a '}' is missing before this", width=5)
+    assert_syntax_error("x = linear(a, weights = [1, 2", 1, 30, "expected ',', ']'", "a ']' is missing")
+    # brackets inside strings and comments are not brackets
+    assert_syntax_error('x = slerp(a, "[(" b)  # ]\n', 1, 19, "unexpected 'b'", "a ',' or a ')' is missing before this")
+
+
 def test_colon_instead_of_equals_for_a_keyword_arg():
     assert_syntax_error(
         "x = slerp(a, b, t: 0.5)\n", 1, 18, "unexpected ':'", "parameters and options are written name = value"
