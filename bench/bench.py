@@ -119,7 +119,8 @@ WRAPPER = (
 # --------------------------------------------------------------------------- recipes and configs
 
 def mgc_recipe(case: str, m: dict[str, Path], out: Path) -> str:
-    lines = [f'{r} = model("{m[r]}")' for r in ROLES[case]]
+    # absolute paths: a recipe's relative paths would resolve against its own folder (the work folder)
+    lines = [f'{r} = model("{m[r].resolve()}")' for r in ROLES[case]]
     expr = {
         "linear": "linear(e1, e2, e3)",
         "ties": "ties(e1, e2, e3, base = base, density = 0.5)",
@@ -130,7 +131,7 @@ def mgc_recipe(case: str, m: dict[str, Path], out: Path) -> str:
     if case == "two-stage":
         lines.append(f"experts = karcher(e1, e2, e3, e4, e5, {KARCHER})")
     lines.append(f'merged = {expr}')
-    lines.append(f'save merged to "{out}" {{ dtype = bf16 }}')
+    lines.append(f'save merged to "{out.resolve()}" {{ dtype = bf16 }}')
     return "\n".join(lines) + "\n"
 
 

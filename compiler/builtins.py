@@ -6,11 +6,15 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from mgc.core.errors import CheckpointError, MgcError, RecipeNameError, RecipeTypeError, Span, did_you_mean
+from mgc.core.errors import CheckpointError, MgcError, RecipeNameError, RecipeTypeError, Span
 from mgc.grammar import ast
 
 from . import fisher_cache
+from .call_args import one_argument_and_options
+from .heads import vocab_rows_differ
 from .inputs import fisher_data
+from .layer_kinds import check_layer_kinds
+from .lora import lora
 from .values import (
     CheckpointModel, FisherModel, LayerRange, ListV, ModelValue, Num, StackModel, Str, TensorSpec, Value, kind_of,
     stack_sources,
@@ -67,6 +71,7 @@ def stack_layers(checker: Checker, e: ast.Call, env, stack) -> StackModel:
     for name, (model, src) in sources.items():
         tensors[name] = model.tensors[src]
     _check_stack_shapes(parts)
+    check_layer_kinds(parts)
     layers = parts[0].model.layers.with_primary_count(sum(p.stop - p.start for p in parts))
     depth = 1 + max(p.model.depth for p in parts)
     return checker.deep_enough(StackModel(tuple(parts), e.span, tensors, layers, depth, sources))
@@ -75,18 +80,7 @@ def stack_layers(checker: Checker, e: ast.Call, env, stack) -> StackModel:
 def fisher(checker: Checker, e: ast.Call, env, stack) -> FisherModel:
     """`fisher(m, data = "file.txt", samples = 64, max_length = 256)`: checked here, computed before the run."""
     usage = 'fisher(m, data = "file.txt", samples = 64, max_length = 256)'
-    if len(e.args) != 1:
-        raise RecipeTypeError(f"fisher() takes one model, got {len(e.args)} positional arguments", e.span, f"write {usage}")
-    opts: dict[str, ast.Kwarg] = {}
-    for k in e.kwargs:
-        if k.name not in FISHER_PARAMS:
-            raise RecipeNameError(
-                f"fisher() got an unknown parameter '{k.name}'", k.span,
-                did_you_mean(k.name, FISHER_PARAMS) or f"parameters: {', '.join(FISHER_PARAMS)}",
-            )
-        if k.name in opts:
-            raise RecipeTypeError(f"fisher() got '{k.name}' twice", k.span)
-        opts[k.name] = k
+    opts = one_argument_and_options("fisher", "one model", e, FISHER_PARAMS, usage)
     model = checker.model_of(e.args[0], env, stack, "the argument of fisher()")
     if not isinstance(model, CheckpointModel):
         raise RecipeTypeError(
@@ -103,6 +97,14 @@ def fisher(checker: Checker, e: ast.Call, env, stack) -> FisherModel:
     max_length = _count_option(checker, opts.get("max_length"), fisher_cache.DEFAULT_MAX_LENGTH, 2, env, stack)
     path, info = fisher_data(data.value, checker.base_dir, data.span)
     ckpt = model.checkpoint
+    from mgc.core.hub_checkpoint import RemoteCheckpoint
+
+    if isinstance(ckpt, RemoteCheckpoint):  # its weights are not downloaded at check time, and the Fisher needs them
+        raise CheckpointError(
+            f"fisher() needs a local checkpoint, and {ckpt.label} is on the hub", e.args[0].span,
+            f"download it (hf download {ckpt.revision.repo_id} --revision {ckpt.revision.sha} --local-dir DIR) "
+            'and write model("DIR")',
+        )
     if not ckpt.tokenizer_files():
         raise CheckpointError(
             f"{ckpt.path}: no tokenizer files, which fisher() needs to tokenize the data", e.args[0].span,
@@ -151,7 +153,8 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
     for part in parts[1:]:
         for name, spec in part.model.tensors.items():
             other = first.tensors.get(name)
-            if other is not None and other.shape != spec.shape:
+            # the stack's embeddings and head are the first part's: another part's may have other rows
+            if other is not None and other.shape != spec.shape and not vocab_rows_differ(name, other, spec):
                 raise RecipeTypeError(
                     f"stack(): tensor '{name}' has shape {list(spec.shape)} here but {list(other.shape)} in the first part",
                     part.span,
@@ -159,4 +162,4 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
 
 
 Builtin = Callable[["Checker", ast.Call, dict, tuple], Value]
-BUILTINS: dict[str, Builtin] = {"model": open_model, "ramp": ramp, "stack": stack_layers, "fisher": fisher}
+BUILTINS: dict[str, Builtin] = {"model": open_model, "ramp": ramp, "stack": stack_layers, "fisher": fisher, "lora": lora}

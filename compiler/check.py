@@ -24,4 +24,6 @@ __all__ = ["check", "Checker", "Program", "SaveSpec", "parse_size", "widest_dtyp
 
 
 def check(recipe: ast.Recipe, allow_pickle: bool = False, base_dir: Optional[Path] = None) -> Program:
+    """The recipe's relative paths resolve against `base_dir`, by default the folder of the file it was parsed
+    from (mgc.core.paths.recipe_folder of its source name)."""
     return Checker(recipe, allow_pickle, base_dir).run()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from mgc.core import hub
+from mgc.core.adapter import refuse_as_checkpoint
 from mgc.core.checkpoint import Checkpoint
 from mgc.core.errors import CheckpointError, MgcError, Span
 from mgc.core.paths import resolve_checkpoint_path
@@ -30,11 +31,13 @@ class Inputs:
         """The value of `model("text")`; errors point at the string (`span`), the value at the call."""
         # only an explicit hf://org/name is fetched (mgc/core/hub.py); anything else is a local path
         if hub.looks_like_hub_id(text):
-            path = resolve_checkpoint_path(str(hub.fetch(text, span)), self.base_dir, span)
+            # pinned to a commit; only config, index and shard headers are fetched (mgc/core/hub_checkpoint.py)
+            path = hub.open_checkpoint(text, span, self.checkpoints).path
         else:
             path = resolve_checkpoint_path(text, self.base_dir, span)
             if not os.path.lexists(path):
                 raise hub.not_found(text, self.base_dir, span)
+            refuse_as_checkpoint(path, text, span)
         ckpt = self.checkpoints.get(path)
         if ckpt is None:
             try:
@@ -47,7 +50,7 @@ class Inputs:
         tensors = {n: TensorSpec(i.shape, i.dtype) for n, i in ckpt.tensors.items()}
         if ckpt.path not in self.layer_maps:
             try:
-                self.layer_maps[ckpt.path] = layer_map(ckpt.config, tensors, str(ckpt.path))
+                self.layer_maps[ckpt.path] = layer_map(ckpt.config, tensors, getattr(ckpt, "label", str(ckpt.path)))
             except CheckpointError as err:
                 raise CheckpointError(err.message, span, err.hint) from None
         return CheckpointModel(ckpt, call_span, tensors, self.layer_maps[ckpt.path])
@@ -72,7 +75,7 @@ def fisher_data(text: str, base_dir: Path, span: Span) -> tuple[Path, fisher_cac
     if not is_file:
         raise CheckpointError(
             f"no data file at '{text}'" if not exists else f"data '{text}' is not a file", span,
-            "paths are relative to the working directory; fisher() reads a text file, documents separated by blank lines",
+            f"{hub.looked_for(text, base_dir)}; fisher() reads a text file, documents separated by blank lines",
         )
     try:
         return path, fisher_cache.inspect_data(path)

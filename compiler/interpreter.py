@@ -9,10 +9,12 @@ from typing import Optional
 from mgc.core.errors import (
     CheckpointError, MgcError, MgcErrors, RecipeNameError, RecipeTypeError, Span, did_you_mean, end_of,
 )
+from mgc.core.paths import recipe_folder
 from mgc.grammar import ast
 from mgc.stdlib import OPERATORS
 
 from .builtins import BUILTINS, require_primary_stack
+from .heads import head_view, is_head_name
 from .inputs import Inputs
 from .operator_call import apply_operator, same_shape
 from .program import Program, SaveSpec
@@ -31,7 +33,7 @@ class _Poisoned(Exception):
 class Checker:
     def __init__(self, recipe: ast.Recipe, allow_pickle: bool = False, base_dir: Optional[Path] = None):
         self.recipe = recipe
-        self.base_dir = base_dir or Path.cwd()
+        self.base_dir = base_dir or recipe_folder(recipe.source.name)
         self.inputs = Inputs(self.base_dir, allow_pickle)
         self.globals: dict[str, Value] = {}
         self.poisoned: set[str] = set()
@@ -240,6 +242,8 @@ class Checker:
                     f"selector '{selector}' matches no tensor of the model", entry.key.span, selector_hint(selector, base.tensors)
                 )
             for name in matched:
+                if name not in model.tensors and is_head_name(name):  # a tied model's head is its embedding
+                    model = head_view(model, name) or model
                 if name not in model.tensors:
                     raise CheckpointError(f"the override for '{selector}' has no tensor '{name}'", entry.value.span)
                 same_shape(name, base.tensors[name], model.tensors[name], entry.value.span)

@@ -75,6 +75,9 @@ class Apply(Node):
     # the tensor name that seeds a random operator's draws (None for the others): unlike `tensor`, it
     # changes the result
     seed_tensor: Optional[str] = None
+    # c for a tensor the model applies as c + w (Gemma's norms: 1 + w) under an operator that does not commute with
+    # a shift (compiler/norm_offsets.py): the runtime merges xᵢ + c (models and base) and takes c off the result
+    offset: float = 0.0
 
     def split(self, inputs: list) -> tuple[Optional[object], list, dict[str, list]]:
         """(base, models, {aux name: inputs}) from the flat input list."""
@@ -95,6 +98,7 @@ class Apply(Node):
         shown = ", ".join(
             [f"{k}={_fmt(v)}" for k, v in self.params.model_dump(by_alias=True).items()]
             + [f"{name}=<{count} models>" for name, count in self.aux]
+            + ([f"merged as w + {_fmt(self.offset)}"] if self.offset else [])
         )
         return f"{self.op}({shown})"
 
@@ -110,7 +114,29 @@ class Save(Node, Stored):
         return f"save {self.output.name}:{self.tensor}"
 
 
-Payload = Union[Load, Apply, Save]
+@dataclass(frozen=True)
+class Rows(Node):
+    """A tensor assembled from rows of its inputs: how a vocabulary-indexed tensor (embeddings, head) is aligned to
+    the output's vocabulary (compiler/vocab_lower.py). Row i is row index[i] of input source[i] (int32 arrays,
+    as bytes). A row whose source is -1 is filled by a `means` entry (out, ((input, rows), ...)): row out[j] is the
+    mean of row rows[j] of each listed input; a row no entry fills is the mean of the copied rows (source >= 0).
+    The result has its inputs' dtype (the widest of them)."""
+
+    shape: tuple[int, ...]
+    source: bytes
+    index: bytes
+    means: tuple[tuple[bytes, tuple[tuple[int, bytes], ...]], ...] = ()
+    tensor: str = label_field("")
+
+    @property
+    def nbytes(self) -> int:  # at most float32
+        return math.prod(self.shape) * 4
+
+    def label(self) -> str:
+        return f"rows {self.tensor} ({self.shape[0]} rows)"
+
+
+Payload = Union[Load, Apply, Save, Rows]
 
 
 def _frozen(v: Any) -> Any:
@@ -185,7 +211,8 @@ class Graph(nx.DiGraph):
     def counts(self) -> dict[str, int]:
         out = {"load": 0, "apply": 0, "save": 0}
         for _, d in self.nodes(data=True):
-            out[type(d["node"]).__name__.lower()] += 1
+            kind = type(d["node"]).__name__.lower()
+            out[kind] = out.get(kind, 0) + 1  # "rows" only where a vocabulary is aligned
         return out
 
 

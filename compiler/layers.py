@@ -23,7 +23,7 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 TEXT_CONFIGS = ("text_config", "language_config", "llm_config", "text_model_config")
 # per-layer lists in a config: one entry per layer of the primary stack, or a list of layer indices
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
-LAYER_INDEX_LISTS = ("mlp_only_layers",)
+LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")  # Qwen-MoE's dense layers, Llama 4's expert layers
 
 
 def _split(tensor: str) -> Optional[tuple[str, int, str]]:

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 from .check import Program
 from .ir import Apply, Graph, Load, Save
+from .heads import HeadView
 from .layers import tensor_order
+from .norm_offsets import merge_offset
+from .lora import LoraModel, lower_lora
 from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, WithModel
+from .vocab_lower import lower_save_tensor, save_tensors
 
 
 def lower(program: Program) -> Graph:
     g = Graph()
     memo: dict[tuple[int, str], int] = {}
     for save in program.saves:
-        for name in sorted(save.model.tensors, key=tensor_order):
-            spec = save.model.tensors[name]
-            src = _lower(g, memo, save.model, name)
+        tensors = save_tensors(save)  # a save that aligns a vocabulary writes its own shapes
+        for name in sorted(tensors, key=tensor_order):
+            spec = tensors[name]
+            src = lower_save_tensor(g, memo, save, name, _lower)
             dtype = save.dtype if spec.dtype.is_floating_point else spec.dtype
             g.add(Save(save.path, name, spec.shape, dtype), (src,))
     return g.freeze()
@@ -40,10 +45,15 @@ def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:
         apply = Apply(
             model.op.name, model.resolved[name], model.base is not None, name, model.tensors[name].shape, model.span,
             tuple((k, len(ms)) for k, ms in aux), seed_tensor=name if model.op.random else None,
+            offset=merge_offset(model, name),
         )
         n = g.add(apply, inputs)
     elif isinstance(model, WithModel):
         n = _lower(g, memo, model.source_of(name), name)
+    elif isinstance(model, HeadView):  # a tied model's head is its embedding
+        n = _lower(g, memo, model.value, model.source_name(name))
+    elif isinstance(model, LoraModel):
+        n = lower_lora(g, memo, model, name, _lower)
     elif isinstance(model, StackModel):
         source, source_name = model.sources[name]
         n = _lower(g, memo, source, source_name)

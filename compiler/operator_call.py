@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from mgc.core.errors import CheckpointError, RecipeNameError, RecipeTypeError, Span
 from mgc.grammar import ast
 
+from .heads import untie_inputs, vocab_rows_differ
 from .params import bind, resolve_all, unmatched_selectors
 from .selectors import bind_layers, selector_hint
 from .values import CheckpointModel, FisherModel, ListV, ModelValue, OpModel, TensorSpec, Value, kind_of
@@ -51,6 +52,7 @@ def apply_operator(checker: Checker, op, e: ast.Call, env, stack) -> OpModel:
                 f"add `{name} = [{', '.join(f'{name}{i + 1}' for i in range(n))}]` to {op.name}(...)",
             )
     params = bind(op, kwargs, e.span, n, extra_names=op.model_params + (("base",) if op.base != "none" else ()))
+    models, base, aux = untie_inputs(models, base, aux)  # a tied model's head is its embedding, where others store one
     inputs = ((base,) if base is not None else ()) + models
     reference = inputs[0]
     tensors = dict(reference.tensors)
@@ -104,7 +106,7 @@ def _models_per_input(checker: Checker, op, k: ast.Kwarg, n: int, env, stack) ->
 
 def same_shape(name: str, a: TensorSpec, b: TensorSpec, span: Span) -> None:
     """Tensor `name` of a model merged or swapped in (b) agrees with the first model's (a)."""
-    if a.shape != b.shape:
+    if a.shape != b.shape and not vocab_rows_differ(name, a, b):  # vocabularies are aligned by the save
         raise RecipeTypeError(f"tensor '{name}' has shape {list(b.shape)} here but {list(a.shape)} in the first model", span)
     if a.dtype.is_floating_point != b.dtype.is_floating_point:
         raise RecipeTypeError(f"tensor '{name}' is {b.dtype} here but {a.dtype} in the first model", span)
@@ -112,7 +114,7 @@ def same_shape(name: str, a: TensorSpec, b: TensorSpec, span: Span) -> None:
 
 def _describe(m: ModelValue) -> str:
     if isinstance(m, CheckpointModel):
-        return f"checkpoint {m.checkpoint.path}"
+        return f"checkpoint {getattr(m.checkpoint, 'label', m.checkpoint.path)}"
     if isinstance(m, FisherModel):
         return f"the Fisher of checkpoint {m.model.checkpoint.path}"
     return "this model"

@@ -41,7 +41,8 @@ def program_inputs(program) -> dict[Path, str]:
     may lie elsewhere, as the hub cache's symlinks do), Fisher cache folders and the Fisher data files."""
     found: dict[Path, str] = {}
     for path, ckpt in program.checkpoints.items():
-        found.setdefault(Path(path), "the input checkpoint")
+        # an adapter is keyed by its weights file; its whole folder is an input
+        found.setdefault(Path(getattr(ckpt, "folder", path)), getattr(ckpt, "what", "the input checkpoint"))
         for f in getattr(ckpt, "files", ()):
             found.setdefault(Path(f), "a file of the input checkpoint")
     for cache, fm in getattr(program, "fishers", {}).items():

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mgc.stdlib import OPERATORS
+from mgc.stdlib import RUNNABLE
 
 from mgc.core.paths import relative_to_cwd
 from mgc.grammar import ast
 from .check import Program
 from .fisher_cache import plan_lines
-from .ir import Apply, Graph, Load, Save, _itemsize, saved_dtype_results
+from .ir import Apply, Graph, Load, Rows, Save, _itemsize, saved_dtype_results
 from .passes import PassReport, Schedule
 
 
@@ -63,10 +63,12 @@ class Plan:
             if isinstance(p, Load):
                 held[n], dtypes[n] = p.nbytes, p.dtype
             elif isinstance(p, Apply):
-                op = OPERATORS[p.op]
+                op = RUNNABLE[p.op]
                 dtypes[n] = op.result_dtype(direct.get(n))
                 held[n] = math.prod(p.shape) * _itemsize(dtypes[n])
                 transient = _transient(p, op, len(inputs))
+            elif isinstance(p, Rows):  # in its inputs' dtype, at most float32
+                held[n], dtypes[n] = p.nbytes, torch.float32
             elif dtypes.get(inputs[0]) != p.dtype:
                 transient = p.nbytes
             live += held.get(n, 0)
@@ -90,6 +92,8 @@ class Plan:
         ops = Counter(self.graph.payload(n).op for n in self.graph.of_kind(Apply))
         lines += ["", "work:"]
         lines.append(f"  operations     {sum(ops.values())}" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(ops.items()))})" if ops else ""))
+        if self.graph.of_kind(Rows):
+            lines.append(f"  row gathers    {len(self.graph.of_kind(Rows))} (vocabularies aligned)")
         lines.append(f"  tensors read   {len(self.graph.of_kind(Load))} from {len(self.checkpoints_read())} checkpoints")
         lines.append(f"  bytes to read  {format_bytes(self.bytes_read)}")
         lines.append(f"  bytes to write {format_bytes(self.bytes_written)}")
@@ -102,12 +106,15 @@ class Plan:
             lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
         if getattr(self.program, "fishers", None):
             lines += plan_lines(self)
+        from .hub_plan import hub_lines  # hf:// checkpoints: the commits pinned, the shards a run downloads
+
+        lines += hub_lines(self)
         return "\n".join(lines)
 
     def to_dot(self) -> str:
         g = self.graph
         out = ["digraph mgc {", "  rankdir=LR;", '  node [fontname="monospace", fontsize=10];']
-        shapes = {Load: "box", Apply: "ellipse", Save: "note"}
+        shapes = {Load: "box", Apply: "ellipse", Save: "note", Rows: "trapezium"}
         for n in self.schedule.order:
             p = g.payload(n)
             label = p.label() if not isinstance(p, Apply) else f"{p.label()}\\n{p.tensor}"

@@ -21,6 +21,7 @@ class SaveSpec:
     tokenizer: Optional[CheckpointModel]
     span: Span
     config: dict = field(default_factory=dict)  # config.json of the output, derived from its tensors' sources
+    vocab: Optional[object] = None  # compiler/vocab.py's OutputVocab: written tensors, vocabulary alignment, tokenizer
 
 
 @dataclass

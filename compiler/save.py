@@ -17,6 +17,7 @@ from .inputs import resolve_path
 from .layers import layer_map
 from .program import SaveSpec
 from .values import ModelValue, Num, Str
+from .vocab import output_vocabulary
 
 if TYPE_CHECKING:
     from .interpreter import Checker
@@ -25,7 +26,7 @@ SAVE_DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "f16": torch.float16,
     "float16": torch.float16, "fp32": torch.float32, "f32": torch.float32, "float32": torch.float32,
 }
-SAVE_OPTIONS = ("dtype", "shard", "tokenizer")
+SAVE_OPTIONS = ("dtype", "shard", "tokenizer", "tokens", "pad_to_multiple_of", "chat_template")
 DEFAULT_SHARD = 5 * 10**9
 MAX_SIZE = 2**63 - 1
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
@@ -48,17 +49,16 @@ def check_save(checker: Checker, stmt: ast.Save, earlier: list[SaveSpec]) -> Sav
         opts[o.name] = o
     dtype = _save_dtype(opts.get("dtype"))
     shard = _save_shard(checker, opts.get("shard"))
-    tokenizer = model.config_source
-    if "tokenizer" in opts:
-        tokenizer = checker.model_of(opts["tokenizer"].value, {}, (), "the tokenizer option").config_source
+    config = model.config()
+    # the tokenizer, tokens, pad_to_multiple_of and chat_template options; a tied or untied head (compiler/vocab.py)
+    vocab = output_vocabulary(checker, stmt, model, opts, config)
     if dtype is None:
         dtype = _common_dtype(checker, model, stmt)
-    config = model.config()
     try:
         layer_map(config, model.tensors, f"the output '{stmt.path}'")
     except CheckpointError as err:  # a config that does not describe the tensors written is never saved
         raise RecipeTypeError(err.message, stmt.span, err.hint) from None
-    return SaveSpec(model, path, dtype, shard, tokenizer, stmt.span, config)
+    return SaveSpec(model, path, dtype, shard, vocab.tokenizer, stmt.span, config, vocab)
 
 
 def _common_dtype(checker: Checker, model: ModelValue, stmt: ast.Save) -> torch.dtype:

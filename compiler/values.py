@@ -16,6 +16,7 @@ import torch
 from mgc.stdlib.operator import Operator
 
 from mgc.core.errors import RecipeTypeError, Span
+from .layer_kinds import rewrite_expert_rules
 from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced, numbered_prefix
 
 
@@ -313,6 +314,7 @@ class StackModel(ModelValue):
                 where[key] = [
                     j for j, (part, i) in enumerate(sources) if i in (part_configs[id(part)].get(key) or ())
                 ]
+        rewrite_expert_rules(where, sources, part_configs)
         return config
 
 

@@ -1,8 +1,11 @@
-"""Create the small bundled example checkpoints: examples/models/{base,code,math,prose}.
+"""Create the small bundled example checkpoints: examples/models/{base,code,math,prose,lora-code,lora-math}.
 
-Each folder is a tiny Llama-layout Hugging Face checkpoint (bf16 safetensors, config,
-generation config, byte-level BPE tokenizer). The base is saved in two shards; the
-three experts are base + a distinct low-rank-plus-sparse delta of increasing size.
+Each of base, code, math and prose is a tiny Llama-layout Hugging Face checkpoint (bf16
+safetensors, config, generation config, byte-level BPE tokenizer). The base is saved in two
+shards; the three experts are base + a distinct low-rank-plus-sparse delta of increasing size.
+lora-code and lora-math are PEFT LoRA adapters on the base (adapter_config.json and
+adapter_model.safetensors, fp32, as peft's save_pretrained writes them; written by hand, so
+peft is not needed here), for examples/lora.merge.
 Everything is deterministic: same bytes on every run and machine.
 
     python examples/make_models.py [--out DIR]
@@ -36,6 +39,16 @@ EXPERTS = {"code": (101, 0.05), "math": (202, 0.10), "prose": (303, 0.20)}
 DELTA_RANK = 4
 SPARSE_DENSITY = 0.02
 NORM_DELTA_SCALE = 0.25  # norm-weight deltas are this fraction of the matrix ratio
+
+# LoRA adapters on the base: name -> (seed, r, lora_alpha, target modules, relative Frobenius norm of each
+# adapted matrix's update scale·B·A). base_model_name_or_path is "models/base": lora("models/lora-code") in a
+# recipe resolves it like model("models/base"), relative to the recipe's folder (examples/).
+ADAPTERS = {
+    "lora-code": (111, 4, 8, ("q_proj", "v_proj", "down_proj"), 0.05),
+    "lora-math": (222, 4, 16, ("q_proj", "k_proj", "up_proj"), 0.10),
+}
+ADAPTER_BASE = "models/base"
+PEFT_PREFIX = "base_model.model."  # peft's key prefix: base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A merge graph combines several models into one.
@@ -209,6 +222,86 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _adapter_config(r: int, alpha: int, targets: tuple[str, ...]) -> dict:
+    """adapter_config.json with every key peft 0.21's LoraConfig saves, at its defaults unless given."""
+    config = {
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": ADAPTER_BASE,
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "peft_version": "0.21.2",
+        "qalora_group_size": 16,
+        "r": r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(targets),
+        "target_parameters": None,
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": False,
+        "velora_config": None,
+    }
+    return dict(sorted(config.items()))
+
+
+def adapter_weights(
+    base: dict[str, torch.Tensor], seed: int, r: int, alpha: int, targets: tuple[str, ...], rel: float
+) -> dict[str, torch.Tensor]:
+    """lora_A [r, in] and lora_B [out, r] of each targeted module, under peft's keys.
+
+    A is drawn as peft initialises it (uniform in ±1/√in); B, which peft starts at zero, is as if trained:
+    normal, scaled so that the update (alpha/r)·B·A has `rel` times the base weight's Frobenius norm.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scale = alpha / r
+    out = {}
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        if w.dim() != 2 or module.rsplit(".", 1)[-1] not in targets:
+            continue
+        rows, cols = w.shape
+        a = (2 * torch.rand(r, cols, generator=gen, dtype=torch.float64) - 1) / math.sqrt(cols)
+        b = _randn(gen, rows, r)
+        b *= rel * w.norm() / (scale * (b @ a).norm())
+        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+    return out
+
+
+def write_adapter(folder: Path, weights: dict[str, torch.Tensor], r: int, alpha: int, targets: tuple[str, ...]) -> None:
+    # peft keeps LoRA factors in float32 on a bf16 base (autocast_adapter_dtype) and saves them so
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: w.to(torch.float32).contiguous() for name, w in weights.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "adapter_config.json", _adapter_config(r, alpha, targets))
+
+
 def write_checkpoint(folder: Path, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, shards: int = 1) -> None:
     # Config and tokenizer files are written by hand, not via save_pretrained, so their
     # bytes do not depend on the installed transformers version.
@@ -246,6 +339,9 @@ def make_models(out_dir: Path) -> dict[str, Path]:
     for name, (seed, rel) in EXPERTS.items():
         paths[name] = out_dir / name
         write_checkpoint(paths[name], expert_weights(base, seed, rel), tokenizer)
+    for name, (seed, r, alpha, targets, rel) in ADAPTERS.items():
+        paths[name] = out_dir / name
+        write_adapter(paths[name], adapter_weights(base, seed, r, alpha, targets, rel), r, alpha, targets)
     return paths
 
 

@@ -72,7 +72,9 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the (only) output here instead; with several saves, under this folder.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the (only) output here instead; with several saves, under this folder. Relative to the "
+                   "working directory (a recipe's own paths are relative to its folder).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True, help="Where merge math runs; auto = cuda when available.")
 @click.option("--force", is_flag=True, help="Replace output folders that exist and are not empty.")
 @click.option("--dry-run", is_flag=True, help="Check and plan, print the plan, write nothing.")

@@ -8,7 +8,7 @@ import torch
 
 from mgc.compiler.ir import Apply
 from mgc.core.errors import MergeRuntimeError, MgcError
-from mgc.stdlib import OPERATORS
+from mgc.stdlib import RUNNABLE
 from mgc.stdlib.operator import MergeContext, Operator
 from mgc.stdlib.slices import SLICE, slice_size, spans
 
@@ -20,8 +20,20 @@ def run_apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtyp
     """Run one operation (emptying `tensors`, so the caller holds none of them). The result is float32, or
     `out_dtype` when it only goes to saves of that dtype and the operator fills its result ("slices" and
     "stored" operators), so that no whole float32 result exists."""
-    op = OPERATORS[p.op]
+    op = RUNNABLE[p.op]
+    if p.offset:
+        return _checked(p, _apply_shifted(op, p, tensors, dev))
     return _checked(p, _RUNS[op.runs](op, p, tensors, dev, op.result_dtype(out_dtype)))
+
+
+def _apply_shifted(op: Operator, p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    """merge() of xᵢ + c for the models and the base (not Fisher weights), less c, for a tensor the model applies
+    as c + w (Apply.offset). In float32, the result too; the inputs are copied, never changed in place (a loaded
+    tensor may have other users)."""
+    base, models, _ = p.split(list(range(len(tensors))))
+    for k in ([base] if base is not None else []) + models:
+        tensors[k] = tensors[k].to(device=dev, dtype=torch.float32) + p.offset
+    return _RUNS[op.runs](op, p, tensors, dev, torch.float32).float() - p.offset
 
 
 def _apply_stored(op: Operator, p: Apply, tensors: list[torch.Tensor], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -16,9 +16,11 @@ from typing import Optional
 import torch
 
 from mgc.core.errors import CheckpointError, MergeRuntimeError
-from mgc.compiler.ir import Apply, Graph, Load, Save, saved_dtype_results
+from mgc.compiler.ir import Apply, Graph, Load, Rows, Save, saved_dtype_results
 from mgc.compiler.plan import format_bytes
 from .apply import all_finite, run_apply
+from .rows import run_rows
+from .tokenizer_out import write_tokenizer
 
 from .allocator import keep_freed_memory
 from mgc.core.devices import resolve_device
@@ -106,6 +108,9 @@ def execute(
                         values.pop(i)
                 values[n] = run_apply(p, args, dev, result_dtypes.get(n, torch.float32))
                 stats.ops_run += 1
+            elif isinstance(p, Rows):  # a vocabulary alignment
+                args = [values[i] for i in inputs]
+                values[n] = run_rows(p, args, dev)
             elif isinstance(p, Save):
                 t = _cast_for_save(values[inputs[0]], p, graph.payload(inputs[0]))
                 writer_thread.submit(_write_job(writers[p.output], p.tensor, t, bar, p.nbytes), p.nbytes)
@@ -122,8 +127,7 @@ def execute(
             out.write_config(save.config, save.dtype)
             extra = [save.model.config_source.checkpoint.path / f for f in ("generation_config.json",)]
             out.copy_files([f for f in extra if f.is_file()])
-            if save.tokenizer is not None:
-                out.copy_files(save.tokenizer.checkpoint.tokenizer_files())
+            write_tokenizer(out, save)  # copied; tokens added, a chat template set where the save asks
         for save in plan.program.saves:
             staged[save.path].commit()
             del staged[save.path]  # after: an interruption in between leaves it to abort(), harmless after commit
@@ -154,7 +158,7 @@ def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
     if t.dtype == save.dtype:
         return t
     cast = t.to(dtype=save.dtype)
-    if isinstance(source, Apply) and save.dtype == torch.float16 and not all_finite(cast):
+    if isinstance(source, (Apply, Rows)) and save.dtype == torch.float16 and not all_finite(cast):
         raise MergeRuntimeError(
             f"tensor '{save.tensor}' overflows float16 when saved to {save.output}", source.span,
             "values beyond float16's range (±65504) become Inf: save in bf16 or float32",

@@ -74,4 +74,5 @@ OPERATOR = Operator(
     min_models=1,
     max_models=1,
     base="required",
+    shift_equivariant=True,  # |x − base| and softmax do not change under a common shift; base + (x − base)·mask
 )

@@ -99,4 +99,5 @@ OPERATOR = Operator(
     per_model=("weights",),
     model_params=("fisher",),
     required_model_params=("fisher",),
+    shift_equivariant=True,  # the per-entry weights αᵢ(Fᵢ+ε) are normalised to sum 1
 )

@@ -199,4 +199,5 @@ OPERATOR = Operator(
     transient=_transient,
     # karcher of one model copies it; with Fisher weights, merge() checks them first
     identity=lambda params, n, aux: (0, "single_source") if n == 1 and not aux else None,
+    shift_equivariant=False,  # directions and norms change when every input moves
 )

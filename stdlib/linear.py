@@ -48,4 +48,7 @@ OPERATOR = Operator(
     runs="stored",
     # 1·x, or 1·x / 1; not (3·x) / 3, which rounds
     identity=lambda params, n, aux: (0, "single_source") if n == 1 and (params.weights or [1.0])[0] == 1.0 else None,
+    # Σ wᵢ(xᵢ + c) / Σ wᵢ = … + c; without normalize, only where the weights sum to 1
+    shift_equivariant=lambda params, has_base: params.normalize or (
+        params.weights is not None and abs(sum(params.weights) - 1.0) < 1e-12),
 )

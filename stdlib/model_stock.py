@@ -62,4 +62,5 @@ OPERATOR = Operator(
     min_models=2,
     base="required",
     per_model=(),
+    shift_equivariant=True,  # t depends on the task vectors only, and t + (1 − t) = 1
 )

@@ -98,4 +98,5 @@ OPERATOR = Operator(
     min_models=1,
     base="optional",
     per_model=("weights",),
+    shift_equivariant=lambda params, has_base: has_base,  # with a base, it works on the task vectors xᵢ − base
 )

@@ -40,4 +40,5 @@ OPERATOR = Operator(
     min_models=1,
     max_models=1,
     base="required",
+    shift_equivariant=True,  # w depends on |x − base|, and w + (1 − w) = 1
 )

@@ -89,4 +89,5 @@ OPERATOR = Operator(
     max_models=2,
     base="optional",
     per_model=("weights",),
+    shift_equivariant=lambda params, has_base: has_base,  # with a base, it works on the task vectors xᵢ − base
 )

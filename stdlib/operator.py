@@ -27,7 +27,7 @@ Each operator also declares the bytes merge() holds while it runs, beyond its in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -63,6 +63,8 @@ IdentityFn = Callable[[BaseModel, int, bool], Optional[Tuple[int, str]]]
 # (entries of the result, number of graph inputs (base, models and model-valued inputs), whether
 # model-valued inputs are given) -> bytes merge() holds while it runs, beyond its inputs and result
 TransientFn = Callable[[int, int, bool], int]
+# (params, whether a base is given) -> whether merge() commutes with a shift of all its inputs (Operator.shift_equivariant)
+ShiftFn = Callable[[BaseModel, bool], bool]
 
 
 def whole_transient(numel: int, inputs: int, aux: bool) -> int:
@@ -115,6 +117,11 @@ class Operator:
     identity: Optional[IdentityFn] = None
     # bytes merge() holds while it runs (see TransientFn); None: the default for `runs`
     transient: Optional[TransientFn] = None
+    # whether merge() commutes with adding one constant c to every model input and the base, merge(xᵢ + c, base + c)
+    # = merge(xᵢ, base) + c (mathematically): True, False, or a function of (params, whether a base is given). Where
+    # it does not, a tensor a model applies as c + w (Gemma's norm weights: 1 + w) is merged as c + w and c taken off
+    # after; where it does, it is merged as stored, bit for bit. False, the safe side, unless declared.
+    shift_equivariant: Union[bool, ShiftFn] = False
 
     def __post_init__(self) -> None:
         if self.runs not in RUNS:
@@ -123,6 +130,11 @@ class Operator:
             raise ValueError(f"{self.name}: a random operator cannot run in slices (its draws would depend on them)")
         if self.transient is None:
             object.__setattr__(self, "transient", DEFAULT_TRANSIENT[self.runs])
+
+    def commutes_with_shift(self, params: BaseModel, has_base: bool) -> bool:
+        """`shift_equivariant` for these parameters."""
+        rule = self.shift_equivariant
+        return bool(rule(params, has_base) if callable(rule) else rule)
 
     @property
     def random(self) -> bool:

@@ -30,4 +30,5 @@ OPERATOR = Operator(
     max_models=1,
     runs="slices",
     identity=lambda params, n, aux: (0, "identity_passthrough") if params.scale == 1 else None,
+    shift_equivariant=lambda params, has_base: params.scale == 1,
 )

@@ -80,4 +80,5 @@ OPERATOR = Operator(
     reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, arXiv:2408.07990",
     min_models=1,
     base="required",
+    shift_equivariant=True,  # base + a function of the task vectors xᵢ − base
 )

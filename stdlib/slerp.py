@@ -52,4 +52,5 @@ OPERATOR = Operator(
     max_models=2,
     runs="stored",
     identity=lambda params, n, aux: (0, "slerp_t0") if params.t == 0 else (1, "slerp_t1") if params.t == 1 else None,
+    shift_equivariant=False,  # the angle between x₀ and x₁ changes when both move
 )

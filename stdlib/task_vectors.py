@@ -331,8 +331,9 @@ class Method:
 
     def operator(self, params: type[OpParams], *, doc: str, reference: str, **declared) -> Operator:
         """Its OPERATOR: one or more models and a required base, run "whole" unless ``declared`` says
-        otherwise (as it may give its own ``merge``, ``runs`` and ``transient``)."""
+        otherwise (as it may give its own ``merge``, ``runs`` and ``transient``). Shift-equivariant: the task
+        vectors xᵢ − base do not change when every input moves by c, and the result is base + (…)."""
         return Operator(
-            **{"merge": self.merge, **declared}, name=self.name, params=params, doc=doc, reference=reference,
+            **{"merge": self.merge, "shift_equivariant": True, **declared}, name=self.name, params=params, doc=doc, reference=reference,
             min_models=1, base="required", per_model=("weights", *(name for name, _, _ in self.keep.values)),
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 from click.testing import CliRunner
 
@@ -176,14 +175,20 @@ def test_a_long_flat_chain_of_assignments_is_an_error(tmp_path):
 
 @pytest.fixture
 def hub_calls(monkeypatch, tmp_path):
-    """snapshot_download recorded, never on the network: it 'downloads' the example base model."""
+    """Opening an hf:// checkpoint recorded, never on the network: it opens the example base model
+    (tests/test_hub.py runs the real thing against a stand-in of the hub)."""
+    from mgc.core import hub_checkpoint
+    from mgc.core.checkpoint import Checkpoint
+
     calls = []
 
-    def snapshot_download(repo_id, revision=None, **kwargs):
-        calls.append((repo_id, revision))
-        return str(MODELS / "base")
+    def open_remote(text, opened):
+        repo_id, _, revision = text[len("hf://"):].partition("@")
+        calls.append((repo_id, revision or None))
+        ckpt = Checkpoint.open(MODELS / "base")
+        return opened.setdefault(ckpt.path, ckpt)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub_checkpoint, "open_remote", open_remote)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "other").mkdir(parents=True)
     (tmp_path / "out").mkdir()
@@ -208,7 +213,7 @@ def test_only_hf_urls_are_fetched(path, hub_calls, tmp_path):
 def test_a_missing_hub_shaped_path_says_how_to_fetch_it(hub_calls, tmp_path):
     with pytest.raises(CheckpointError) as info:
         open_model("meta-llama/Llama-3-8B", tmp_path)
-    assert info.value.hint == 'to fetch it from the Hugging Face hub, write model("hf://meta-llama/Llama-3-8B")'
+    assert info.value.hint.endswith('; to fetch it from the Hugging Face hub, write model("hf://meta-llama/Llama-3-8B")')
     with pytest.raises(CheckpointError) as info:
         open_model("models/base", tmp_path)  # models/ is here: a local path, no hub hint
     assert "hf://" not in (info.value.hint or "")
@@ -217,10 +222,11 @@ def test_a_missing_hub_shaped_path_says_how_to_fetch_it(hub_calls, tmp_path):
 def test_a_missing_folder_gets_a_did_you_mean_from_its_siblings(hub_calls, tmp_path):
     with pytest.raises(CheckpointError) as info:
         open_model("models/othre", tmp_path)
-    assert info.value.hint == "did you mean 'models/other'?"
+    assert info.value.hint == (f"looked for '{tmp_path}/models/othre' (paths are relative to the recipe's folder); "
+                               "did you mean 'models/other'?")
     with pytest.raises(CheckpointError) as info:
         open_model("modles/other", tmp_path)
-    assert info.value.hint == "did you mean 'models/other'?"
+    assert info.value.hint.endswith("; did you mean 'models/other'?")
 
 
 @pytest.mark.parametrize("url, call", [

@@ -125,14 +125,14 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", ["quickstart", "selectors", "frankenmerge"])
 def test_examples_check(name):
-    program = check(parse_file(ROOT / "examples" / f"{name}.merge"), base_dir=ROOT)
+    program = check(parse_file(ROOT / "examples" / f"{name}.merge"))  # paths relative to the recipe's folder
     assert program.saves
     assert {p.name for p in program.checkpoints} == {"base", "code", "math", "prose"}
     assert program.unused == []
 
 
 def test_frankenmerge_outputs():
-    program = check(parse_file(ROOT / "examples" / "frankenmerge.merge"), base_dir=ROOT)
+    program = check(parse_file(ROOT / "examples" / "frankenmerge.merge"))
     saves = {s.path.name: s for s in program.saves}
     assert list(saves) == ["final", "tall", "ties", "soup"]
     assert all(s.path.parent == ROOT / "out" for s in saves.values())

@@ -351,7 +351,7 @@ def test_cli_check(repo_root):
 
 def test_cli_bad_recipe_exits_1(repo_root, tmp_path):
     recipe = tmp_path / "bad.merge"
-    recipe.write_text('a = model("examples/models/base")\nsave karcher(a, weigths = [1]) to "x"\n')
+    recipe.write_text(f'a = model("{REPO}/examples/models/base")\nsave karcher(a, weigths = [1]) to "x"\n')
     result = _cli("run", "-o", tmp_path / "o", recipe)
     assert result.exit_code == 1
     assert "bad.merge:2:" in result.output

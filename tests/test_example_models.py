@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODELS = EXAMPLES / "models"
 NAMES = ["base", "code", "math", "prose"]
+ADAPTERS = ["lora-code", "lora-math"]  # PEFT LoRA adapters on base (tests/test_lora_example.py)
 EXPERTS_BY_DELTA = ["code", "math", "prose"]  # increasing relative delta norm
 LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -39,7 +40,8 @@ def weights() -> dict[str, dict[str, torch.Tensor]]:
 
 def test_regeneration_is_byte_identical(tmp_path):
     _load_script().make_models(tmp_path)
-    for name in NAMES:
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in MODELS.iterdir()) == sorted(NAMES + ADAPTERS)
+    for name in NAMES + ADAPTERS:
         committed = sorted(p.name for p in (MODELS / name).iterdir())
         regenerated = sorted(p.name for p in (tmp_path / name).iterdir())
         assert regenerated == committed, name

@@ -415,7 +415,7 @@ def _show(data: bytes, limit: int = 3000) -> str:
 class Fuzzer:
     def __init__(self, workdir: Path, fetched: list[str]):
         self.dir = workdir
-        self.fetched = fetched  # hub ids asked of (the fixture's fake) huggingface_hub.snapshot_download
+        self.fetched = fetched  # hub ids asked of (the fixture's fake) mgc.core.hub_checkpoint.open_remote
         self.runner = CliRunner()
         self.failures: list[str] = []
         self.counts = {"ok": 0, "error": 0, "cli": 0, "runs": 0}
@@ -479,13 +479,14 @@ def fuzz_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `~` in a path names a folder under tmp_path
     fetched: list[str] = []
-    import huggingface_hub
+    from mgc.core import hub_checkpoint
+    from mgc.core.errors import CheckpointError
 
-    def snapshot_download(repo_id, **kwargs):
-        fetched.append(repo_id)
-        raise OSError(f"no network in the fuzzer ({repo_id})")
+    def open_remote(text, opened):
+        fetched.append(text)
+        raise CheckpointError(f"no network in the fuzzer ({text})")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub_checkpoint, "open_remote", open_remote)
     return tmp_path, fetched
 
 

@@ -271,3 +271,19 @@ def test_the_command_line_reports_the_dtype_warning(zoo, tmp_path):
         result = CliRunner().invoke(main, [command, str(recipe)])
         assert result.exit_code == 0
         assert f"{recipe}:3:1: warning: the inputs of this save are stored in different dtypes" in result.output
+
+
+def test_the_vision_tower_is_addressed_by_name(zoo, tmp_path):
+    """layers[a:b] is the language model's; a glob on the name reaches the vision tower's blocks."""
+    _run(zoo, tmp_path, """
+        a = model("ZOO/llava0")
+        b = model("ZOO/llava1")
+        save a with { "vision_tower.*.layers.[0-1].*": b, layers[0:1]: b } to "OUT"
+    """)
+    got, a, b = _tensors(tmp_path / "out"), _tensors(zoo / "llava0"), _tensors(zoo / "llava1")
+    vision = [n for n in got if n.startswith("vision_tower.") and ".encoder.layers." in n]
+    assert any(".layers.2." in n for n in vision)  # the tower's third block stays model a's
+    for name in got:
+        taken = (name in vision and name.split(".encoder.layers.")[1].split(".")[0] in ("0", "1")
+                 or name.startswith("language_model.model.layers.0."))
+        assert torch.equal(got[name], (b if taken else a)[name]), name

@@ -14,7 +14,7 @@ from mgc.api import compile_recipe
 from mgc.runtime.execute import execute
 from mgc.stdlib import OPERATORS
 
-M = "examples/models"
+M = str(Path(__file__).resolve().parents[1] / "examples" / "models")
 HEADER = f"""
 base = model("{M}/base")
 code = model("{M}/code")

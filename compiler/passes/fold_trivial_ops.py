@@ -17,7 +17,7 @@ from collections import Counter
 
 import networkx as nx
 
-from mgc.stdlib import OPERATORS
+from mgc.stdlib import RUNNABLE
 
 from ..ir import Apply, Graph
 from .result import PassResult
@@ -30,7 +30,7 @@ def fold_trivial_ops(graph: Graph) -> PassResult:
         payload = graph.payload(n)
         if not isinstance(payload, Apply):
             continue
-        identity = OPERATORS[payload.op].identity
+        identity = RUNNABLE[payload.op].identity
         _, models, _ = payload.split(list(graph.inputs(n)))
         found = identity(payload.params, len(models), bool(payload.aux)) if identity is not None else None
         if found is not None:

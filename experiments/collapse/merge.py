@@ -22,8 +22,8 @@ METHODS: dict[str, str] = {
 
 
 def recipe(method: str, base: Path, experts: list[tuple[str, Path]]) -> str:
-    lines = [f'base = model("{base}")']
-    lines += [f'{name} = model("{path}")' for name, path in experts]
+    lines = [f'base = model("{Path(base).resolve()}")']  # absolute: the recipe is given as text, the output by -o
+    lines += [f'{name} = model("{Path(path).resolve()}")' for name, path in experts]
     call = METHODS[method].format(experts=", ".join(name for name, _ in experts))
     lines += [f"merged = {call}", 'save merged to "merged" { dtype = fp32 }']
     return "\n".join(lines) + "\n"

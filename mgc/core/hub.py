@@ -1,4 +1,4 @@
-"""Checkpoints from the Hugging Face hub, named explicitly as `hf://org/name[@revision]`.
+"""Checkpoints from the Hugging Face hub, named explicitly as `hf://org/name[@revision]` (opened by hub_checkpoint.py).
 
 Nothing else is ever fetched: `model("org/name")` is a local path, so a typo in a local path cannot
 download an unrelated public repository. A missing local path gets a did-you-mean from the folders
@@ -11,13 +11,13 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import MutableMapping, Optional
 
 from mgc.core.errors import CheckpointError, Span
+from mgc.core.paths import show_path
 
 PREFIX = "hf://"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$")
-PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 LOCAL_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 MAX_SIBLINGS = 1000  # folders looked at for a did-you-mean
 
@@ -37,24 +37,18 @@ def _bare_hub_shape(text: str, base_dir: Path) -> bool:
         return False
 
 
-def fetch(repo: str, span: Optional[Span] = None) -> Path:
-    """The local snapshot folder of `hf://org/name[@revision]` (safetensors, configs and tokenizer files only)."""
-    if not looks_like_hub_id(repo):
-        raise CheckpointError(f"'{repo}' is not a hub id", span, 'write model("hf://org/name") or model("hf://org/name@revision")')
-    repo_id, _, revision = repo[len(PREFIX):].partition("@")
+def open_checkpoint(text: str, span: Optional[Span], opened: MutableMapping[Path, object]):
+    """The checkpoint `hf://org/name[@revision]` names, checked from its config, index and shard headers only
+    (hub_checkpoint.py); `opened` holds the checkpoints already open, by path."""
+    if not looks_like_hub_id(text):
+        raise CheckpointError(f"'{text}' is not a hub id", span, 'write model("hf://org/name") or model("hf://org/name@revision")')
+    from mgc.core.hub_checkpoint import open_remote
+
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(
-            f"cannot fetch '{repo}' from the hub: huggingface_hub is not installed", span, "pip install huggingface_hub"
-        ) from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=PATTERNS))
-    except Exception as e:  # network, auth and not-found errors come in many types
-        raise CheckpointError(
-            f"the hub could not provide '{repo}': {type(e).__name__}: {e}".split("\n")[0],
-            span, "check the hub id and your connection (HF_HUB_OFFLINE=1 uses only the local cache)",
-        ) from None
+        return open_remote(text, opened)
+    except CheckpointError as err:
+        err.span = err.span or span
+        raise
 
 
 def not_found(text: str, base_dir: str | os.PathLike, span: Optional[Span] = None) -> CheckpointError:
@@ -68,7 +62,19 @@ def not_found(text: str, base_dir: str | os.PathLike, span: Optional[Span] = Non
     hint = _sibling_hint(text, base_dir)
     if hint is None and _bare_hub_shape(text, base_dir):
         hint = f'to fetch it from the Hugging Face hub, write model("{PREFIX}{text}")'
-    return CheckpointError(f"no checkpoint folder at '{shown}'", span, hint or "paths are relative to the working directory")
+    where = looked_for(text, base_dir)
+    return CheckpointError(f"no checkpoint folder at '{shown}'", span, where + (f"; {hint}" if hint else ""))
+
+
+def looked_for(text: str, base_dir: Path) -> str:
+    """Where a missing path was looked for: the absolute path, and for a relative one the rule that made it."""
+    try:
+        where = os.path.normpath(base_dir / os.path.expanduser(text))
+    except (TypeError, ValueError):
+        return "paths are relative to the recipe's folder"
+    shown = show_path(where)
+    relative = not os.path.isabs(os.path.expanduser(text))
+    return f"looked for '{shown}'" + (" (paths are relative to the recipe's folder)" if relative else "")
 
 
 def _sibling_hint(text: str, base_dir: Path) -> Optional[str]:

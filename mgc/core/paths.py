@@ -25,6 +25,13 @@ def relative_to_cwd(path: Path) -> str:
         return str(path)
 
 
+def recipe_folder(name: str | os.PathLike) -> Path:
+    """The folder a recipe's relative paths (models, data, outputs) are resolved against: the folder of the file
+    it was read from, as named (a symlink to a recipe is not followed). A recipe given as text resolves against
+    the folder of the name it is given under; a bare name such as "<recipe>" lies in the working folder."""
+    return Path(os.path.abspath(os.fsdecode(name))).parent
+
+
 def stat_path(path: Path, span: Optional[Span]) -> Optional[os.stat_result]:
     """os.stat(path), following links; None where nothing is there. A path that cannot name a file (a NUL
     byte, a name too long, a symlink loop) or cannot be looked at is a CheckpointError naming it."""

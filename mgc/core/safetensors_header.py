@@ -54,21 +54,32 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     size = regular_file_size(file)
     try:
         with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{file}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{file}: corrupt or truncated safetensors header ({n} bytes declared, file has {size})")
+            n = header_length(f.read(8), file, size)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
     if len(raw) != n:
         raise CheckpointError(f"{file}: truncated safetensors header (the file shrank while it was read)")
+    return parse_header(raw, file, size)
+
+
+def header_length(head: bytes, file: Path, size: int) -> int:
+    """The header length that `head`, the first 8 bytes of a safetensors file of `size` bytes, declares, checked
+    against the file's size (also for a file on the hub, whose bytes are fetched by range: see hub_header.py)."""
+    if len(head) < 8:
+        raise CheckpointError(f"{file}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors header ({n} bytes declared, file has {size})")
     if n == 0:
         raise CheckpointError(f"{file}: corrupt safetensors header (its size is 0)")
+    return n
+
+
+def parse_header(raw: bytes, file: Path, size: int) -> dict[str, TensorInfo]:
+    """The tensors of a header's bytes `raw` (after the 8-byte length) in a file of `size` bytes, validated."""
     header = loads(raw, str(file), "the safetensors header", must_start="{")
-    return validate_header(header, file, 8 + n, size - 8 - n)
+    return validate_header(header, file, 8 + len(raw), size - 8 - len(raw))
 
 
 def validate_header(header: object, file: Path, data_start: int, data_size: int) -> dict[str, TensorInfo]:
