@@ -121,7 +121,9 @@ class Checker:
         """The value of `e`, which must be a model; `what` names it in the error."""
         value = self.eval(e, env, stack)
         if not isinstance(value, ModelValue):
-            raise RecipeTypeError(f"{what} must be a model, not {kind_of(value)}", e.span)
+            quoted = isinstance(value, Str) and value.value.isidentifier()
+            raise RecipeTypeError(f"{what} must be a model, not {kind_of(value)}", e.span,
+                                  f"a model is named without quotes: write {value.value}" if quoted else None)
         return value
 
     def deep_enough(self, model: ModelValue) -> ModelValue:

@@ -833,3 +833,10 @@ def test_syntax_error_is_not_a_check_error():
     # parse errors surface before checking, as RecipeSyntaxError
     with pytest.raises(RecipeSyntaxError):
         compile_recipe(NAME, text="x = (\n")
+
+
+def test_a_model_named_in_quotes_gets_a_hint():
+    err = check_error('save code to "o" { tokenizer = "base" }\n', RecipeTypeError)
+    assert "must be a model, not a string" in err.message
+    assert err.hint == "a model is named without quotes: write base"
+    assert_at(err, 1, 32, 6)
