@@ -101,7 +101,11 @@ def output_vocabulary(checker: Checker, stmt, model: ModelValue, opts: dict, con
 def _vocabularies(everyone: dict, rows: set, o: VocabOptions, stmt) -> Optional[dict]:
     """The vocabularies of the checkpoints, by path; None when they agree (also where agreement is all mgc can
     assume: equal row counts and no way to read the tokens, as for checkpoints without tokenizer files)."""
-    prints = {fingerprint(c) for c in everyone.values()}
+    if len(everyone) == 1 and len(rows) == 1:
+        return None
+    # the files a checkpoint has, not those in a folder: a hub checkpoint's come from its pinned commit, so
+    # every check decides alike whatever the cache holds
+    prints = {fingerprint(c, {f.name: f for f in c.tokenizer_files()}) for c in everyone.values()}
     if len(prints) == 1 and len(rows) == 1:
         return None
     assume = len(rows) == 1 and o.mode != "union" and not (o.pad or o.tokens)

@@ -128,7 +128,8 @@ def test_check_reads_only_config_index_and_shard_headers(hub, zoo, tmp_path):
     # one call to the API per repository pins the revision; nothing else of the repository was fetched
     api = [p for m, p, _ in hub.requests if p.startswith("/api/models/")]
     assert sorted(api) == ["/api/models/org/a/revision/main", "/api/models/org/b/revision/main"]
-    assert {f for _, f in hub.files_served()} == {"config.json", INDEX_FILE, *shards(zoo / "a")}
+    # and the tokenizer files, to compare the two models' vocabularies whatever the cache holds
+    assert {f for _, f in hub.files_served()} == {"config.json", INDEX_FILE, *shards(zoo / "a"), *TOKENIZER}
     assert not list((tmp_path / "hf-cache").rglob("*.safetensors"))
 
 
@@ -214,6 +215,25 @@ def test_a_full_merge_downloads_every_shard_and_equals_the_local_merge(hub, zoo,
     for name in TOKENIZER:
         assert (tmp_path / "out" / name).read_bytes() == (zoo / "a" / name).read_bytes()
     assert (tmp_path / "out" / "generation_config.json").is_file()
+
+
+def test_vocabularies_of_hub_models_are_compared_even_with_nothing_cached(hub, zoo, tmp_path):
+    """Same row counts, one token renamed: refused on the first check too, when no tokenizer file is cached
+    (the check used to assume agreement then, and compare only once a run had cached the files)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(zoo / "a", renamed)
+    words = {f"t{i}": i for i in range(TEXT["vocab_size"] - 1)} | {"<reserved>": TEXT["vocab_size"] - 1}
+    Tokenizer(models.WordLevel(words, unk_token="t0")).save(str(renamed / "tokenizer.json"))
+    hub.push("org/a", zoo / "a")
+    hub.push("org/renamed", renamed)
+    r = recipe(tmp_path, 'a = model("hf://org/a")\nb = model("hf://org/renamed")\nsave linear(a, b) to "out"\n')
+    with pytest.raises(MgcError) as info:
+        compile_recipe(r)
+    assert "vocabularies" in info.value.message and "tokenizer = union" in (info.value.hint or "")
 
 
 def test_check_fetches_no_tokenizer_files(hub, zoo, tmp_path):
