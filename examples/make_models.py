@@ -1,8 +1,12 @@
-"""Create the small bundled example checkpoints: examples/models/{base,code,math,prose,lora-code,lora-math}.
+"""Create the small bundled example checkpoints: examples/models/{base,code,math,prose,chat,lora-code,lora-math}.
 
 Each of base, code, math and prose is a tiny Llama-layout Hugging Face checkpoint (bf16
 safetensors, config, generation config, byte-level BPE tokenizer). The base is saved in two
 shards; the three experts are base + a distinct low-rank-plus-sparse delta of increasing size.
+chat is a fine-tune with a vocabulary of its own, for examples/vocab_union.merge: base + such a delta, with the
+two ChatML tokens <|im_start|> and <|im_end|> added as special tokens (ids 512 and 513, as transformers'
+add_special_tokens stores them) and its embeddings and head resized to 514 rows (each new row the mean of the
+existing rows plus a little seeded noise), and a ChatML chat template in tokenizer_config.json.
 lora-code and lora-math are PEFT LoRA adapters on the base (adapter_config.json and
 adapter_model.safetensors, fp32, as peft's save_pretrained writes them; written by hand, so
 peft is not needed here), for examples/lora.merge.
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in Llama
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
@@ -39,6 +43,19 @@ EXPERTS = {"code": (101, 0.05), "math": (202, 0.10), "prose": (303, 0.20)}
 DELTA_RANK = 4
 SPARSE_DENSITY = 0.02
 NORM_DELTA_SCALE = 0.25  # norm-weight deltas are this fraction of the matrix ratio
+
+# the chat fine-tune: (seed, relative delta norm) as an expert's, then its added tokens (ids VOCAB_SIZE, ...);
+# each new row of its embedding and head is the mean of that matrix's rows plus noise of this standard deviation
+CHAT = (404, 0.10)
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHAT_ROW_NOISE = 0.02
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # rows indexed by token id
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # LoRA adapters on the base: name -> (seed, r, lora_alpha, target modules, relative Frobenius norm of each
 # adapted matrix's update scale·B·A). base_model_name_or_path is "models/base": lora("models/lora-code") in a
@@ -113,6 +130,13 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
+def chat_tokenizer(base: Tokenizer) -> Tokenizer:
+    """The base tokenizer with CHAT_TOKENS added as special tokens, as transformers' add_special_tokens adds them."""
+    tok = Tokenizer.from_str(base.to_str())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+    return tok
+
+
 def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     """Standard normal samples in float64 via Box-Muller on torch.rand.
 
@@ -172,7 +196,19 @@ def expert_weights(base: dict[str, torch.Tensor], seed: int, rel: float) -> dict
     return out
 
 
-def _config() -> dict:
+def chat_weights(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An expert-like fine-tune whose embedding and head have a row more for each of CHAT_TOKENS."""
+    seed, rel = CHAT
+    out = expert_weights(base, seed, rel)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name in VOCAB_TENSORS:
+        w = out[name]
+        new = w.mean(dim=0) + CHAT_ROW_NOISE * _randn(gen, len(CHAT_TOKENS), w.shape[1])
+        out[name] = torch.cat([w, new])
+    return out
+
+
+def _config(vocab_size: int = VOCAB_SIZE) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -198,7 +234,7 @@ def _config() -> dict:
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
         "use_cache": True,
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": vocab_size,
     }
 
 
@@ -215,6 +251,21 @@ def _tokenizer_config() -> dict:
         "pad_token": "<pad>",
         "model_max_length": 256,
         "clean_up_tokenization_spaces": False,
+    }
+
+
+def _chat_tokenizer_config(tokenizer: Tokenizer) -> dict:
+    """tokenizer_config.json as transformers 4 saves it after add_special_tokens: every added token in
+    added_tokens_decoder, the new ones in additional_special_tokens, and the chat template."""
+    decoder = {
+        str(i): {k: getattr(t, k) for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for i, t in sorted(tokenizer.get_added_tokens_decoder().items())
+    }
+    return {
+        "added_tokens_decoder": decoder,
+        **_tokenizer_config(),
+        "additional_special_tokens": list(CHAT_TOKENS),
+        "chat_template": CHAT_TEMPLATE,
     }
 
 
@@ -302,7 +353,9 @@ def write_adapter(folder: Path, weights: dict[str, torch.Tensor], r: int, alpha:
     _write_json(folder / "adapter_config.json", _adapter_config(r, alpha, targets))
 
 
-def write_checkpoint(folder: Path, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, shards: int = 1) -> None:
+def write_checkpoint(
+    folder: Path, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, shards: int = 1, tokenizer_config: dict | None = None
+) -> None:
     # Config and tokenizer files are written by hand, not via save_pretrained, so their
     # bytes do not depend on the installed transformers version.
     folder.mkdir(parents=True, exist_ok=True)
@@ -322,11 +375,13 @@ def write_checkpoint(folder: Path, weights: dict[str, torch.Tensor], tokenizer: 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_json(folder / "model.safetensors.index.json", index)
-    _write_json(folder / "config.json", _config())
+    tokenizer_config = tokenizer_config or _tokenizer_config()
+    _write_json(folder / "config.json", _config(tokenizer.get_vocab_size()))
     _write_json(folder / "generation_config.json", _generation_config())
     tokenizer.save(str(folder / "tokenizer.json"), pretty=True)
-    _write_json(folder / "tokenizer_config.json", _tokenizer_config())
-    _write_json(folder / "special_tokens_map.json", {k: v for k, v in _tokenizer_config().items() if k.endswith("_token")})
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+    special = {k: v for k, v in tokenizer_config.items() if k.endswith("_token") or k == "additional_special_tokens"}
+    _write_json(folder / "special_tokens_map.json", special)
 
 
 def make_models(out_dir: Path) -> dict[str, Path]:
@@ -339,6 +394,10 @@ def make_models(out_dir: Path) -> dict[str, Path]:
     for name, (seed, rel) in EXPERTS.items():
         paths[name] = out_dir / name
         write_checkpoint(paths[name], expert_weights(base, seed, rel), tokenizer)
+    chat = chat_tokenizer(tokenizer)
+    assert [chat.token_to_id(t) for t in CHAT_TOKENS] == list(range(VOCAB_SIZE, VOCAB_SIZE + len(CHAT_TOKENS)))
+    paths["chat"] = out_dir / "chat"
+    write_checkpoint(paths["chat"], chat_weights(base), chat, tokenizer_config=_chat_tokenizer_config(chat))
     for name, (seed, r, alpha, targets, rel) in ADAPTERS.items():
         paths[name] = out_dir / name
         write_adapter(paths[name], adapter_weights(base, seed, r, alpha, targets, rel), r, alpha, targets)

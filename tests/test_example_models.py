@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODELS = EXAMPLES / "models"
-NAMES = ["base", "code", "math", "prose"]
+NAMES = ["base", "code", "math", "prose", "chat"]  # chat: base's vocabulary + 2 tokens (tests/test_vocab_example.py)
 ADAPTERS = ["lora-code", "lora-math"]  # PEFT LoRA adapters on base (tests/test_lora_example.py)
 EXPERTS_BY_DELTA = ["code", "math", "prose"]  # increasing relative delta norm
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -61,8 +63,12 @@ def test_layout_and_shard_index(weights):
     assert all(t.dtype == torch.bfloat16 for w in weights.values() for t in w.values())
     assert all(set(w) == set(tensors) for w in weights.values())
     assert tensors["model.layers.0.self_attn.k_proj.weight"].shape != tensors["model.layers.0.self_attn.q_proj.weight"].shape
-    for name in EXPERTS_BY_DELTA:
+    for name in EXPERTS_BY_DELTA + ["chat"]:
         assert [p.name for p in (MODELS / name).glob("*.safetensors")] == ["model.safetensors"]
+    for name, w in weights.items():
+        rows = 514 if name == "chat" else 512
+        assert all(w[t].shape == (rows, 64) for t in VOCAB_TENSORS), name
+        assert all(t.shape == tensors[n].shape for n, t in w.items() if n not in VOCAB_TENSORS), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,3 +100,23 @@ def test_experts_differ_from_base_in_every_layer(weights):
             rel.append(float(sum(d.norm() ** 2 for n, d in deltas.items() if base[n].dim() == 2) / base_sq) ** 0.5)
         assert rel == sorted(rel) and len(set(rel)) == len(rel), (layer, rel)
         assert rel[0] > 0.01, (layer, rel)
+
+
+def test_chat_is_a_fine_tune_of_base_with_two_added_special_tokens(weights):
+    base, chat = weights["base"], weights["chat"]
+    for name, w in base.items():
+        assert (chat[name][: w.shape[0]].double() - w.double()).abs().max() > 0, name  # a delta everywhere
+    for name in VOCAB_TENSORS:  # two new rows of their own, near the size of the others
+        new, old = chat[name][512:].double(), chat[name][:512].double()
+        assert not torch.equal(new[0], new[1])
+        assert 0.5 < float(new.norm(dim=1).mean() / old.norm(dim=1).mean()) < 2, name
+    files = {f: json.loads((MODELS / "chat" / f).read_text()) for f in ("tokenizer.json", "tokenizer_config.json")}
+    added = {t["id"]: t for t in files["tokenizer.json"]["added_tokens"]}
+    assert [added[i]["content"] for i in (512, 513)] == CHAT_TOKENS
+    assert all(added[i]["special"] and not added[i]["normalized"] for i in (512, 513))
+    assert sorted(files["tokenizer_config.json"]["added_tokens_decoder"], key=int) == [str(i) for i in sorted(added)]
+    assert files["tokenizer_config.json"]["additional_special_tokens"] == CHAT_TOKENS
+    assert json.loads((MODELS / "chat" / "config.json").read_text())["vocab_size"] == 514
+    # the rest of the tokenizer is the base's: same BPE vocabulary and merges
+    base_tokenizer = json.loads((MODELS / "base" / "tokenizer.json").read_text())
+    assert files["tokenizer.json"]["model"] == base_tokenizer["model"]
