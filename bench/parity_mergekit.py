@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,27 @@ CASES: dict[str, tuple[str, dict]] = {
         {"merge_method": "nearswap", "base_model": str(MODELS / "base"), "models": [mk_model("base"), mk_model("code")],
          "parameters": {"t": 0.002}},
     ),
+    "ram": (
+        "ram(code, math, prose, base = base)",
+        {"merge_method": "ram", "base_model": str(MODELS / "base"),
+         "models": [mk_model("code"), mk_model("math"), mk_model("prose")]},
+    ),
+    "ram (epsilon = 1e-3)": (
+        "ram(code, math, prose, base = base, epsilon = 1e-3)",
+        {"merge_method": "ram", "base_model": str(MODELS / "base"),
+         "models": [mk_model("code"), mk_model("math"), mk_model("prose")], "parameters": {"epsilon": 1e-3}},
+    ),
+    "ramplus_tl": (
+        "ramplus_tl(code, math, prose, base = base)",
+        {"merge_method": "ramplus_tl", "base_model": str(MODELS / "base"),
+         "models": [mk_model("code"), mk_model("math"), mk_model("prose")]},
+    ),
+    "ramplus_tl (r = 0.05, alpha = 1000, epsilon = 1e-3)": (
+        "ramplus_tl(code, math, prose, base = base, r = 0.05, alpha = 1000, epsilon = 1e-3)",
+        {"merge_method": "ramplus_tl", "base_model": str(MODELS / "base"),
+         "models": [mk_model("code"), mk_model("math"), mk_model("prose")],
+         "parameters": {"r": 0.05, "alpha": 1000.0, "epsilon": 1e-3}},
+    ),
 }
 
 RECIPE_HEAD = "\n".join(f'{m} = model("{MODELS / m}")' for m in ("base", "code", "math", "prose"))
@@ -174,7 +196,7 @@ def main() -> int:
         for name, (expr, config) in CASES.items():
             if args.only and name not in args.only:
                 continue
-            slug = name.split()[0]
+            slug = re.sub(r"\W+", "_", name).strip("_")  # unique per case
             try:
                 run_mgc(expr, work / f"mgc-{slug}")
                 run_mergekit(args.mergekit_venv, config, work / f"mk-{slug}", work)

@@ -36,13 +36,15 @@ def open_model(checker: Checker, e: ast.Call, env, stack) -> CheckpointModel:
 
 
 def ramp(checker: Checker, e: ast.Call, env, stack) -> ListV:
-    if len(e.args) != 2 or e.kwargs:
-        raise RecipeTypeError("ramp() takes two numbers: the value at the first layer and at the last", e.span)
+    if len(e.args) < 2 or e.kwargs:
+        raise RecipeTypeError(
+            "ramp() takes two or more numbers: the value at the first layer, any in between, and at the last", e.span
+        )
     items = tuple(checker.eval(a, env, stack) for a in e.args)
     for item in items:
         if not isinstance(item, Num):
             raise RecipeTypeError(f"ramp() takes numbers, not {kind_of(item)}", item.span)
-    return ListV(items, e.span)
+    return ListV(items, e.span, gradient=True)
 
 
 def stack_layers(checker: Checker, e: ast.Call, env, stack) -> StackModel:

@@ -31,12 +31,15 @@ def check_value(value: Value, param: str, per_model: bool, n_models: int) -> Non
     if isinstance(value, TableV):
         for _, entry in value.entries:
             check_value(entry, param, per_model, n_models)
-    elif per_model and isinstance(value, ListV):
+    elif per_model and isinstance(value, ListV) and not value.gradient:
         if len(value.items) != n_models:
+            numbers = [i.value for i in value.items if isinstance(i, Num)]
+            example = ", ".join(f"{x:g}" for x in numbers) if len(numbers) == len(value.items) >= 2 else "1, 0.7, 0.1"
             raise RecipeTypeError(
                 f"'{param}' has {len(value.items)} value{'s' if len(value.items) != 1 else ''} for {n_models} model{'s' if n_models != 1 else ''}",
                 value.span,
-                f"give one value per model, in the order of the models, or a single value for all",
+                f"give one value per model, in the order of the models, or a single value for all; "
+                f"for a gradient across layers, write ramp({example})",
             )
         for item in value.items:
             check_value(item, param, False, n_models)
@@ -59,7 +62,7 @@ def resolve(value: Value, tensor: str, layers: LayerMap, per_model: bool, n_mode
         entry = value.lookup(tensor, layers)
         return MISSING if entry is None else resolve(entry, tensor, layers, per_model, n_models, param)
     if per_model:
-        items = value.items if isinstance(value, ListV) else (value,) * n_models
+        items = value.items if isinstance(value, ListV) and not value.gradient else (value,) * n_models
         out = [resolve(item, tensor, layers, False, n_models, param) for item in items]
         return MISSING if any(v is MISSING for v in out) else out
     if isinstance(value, ListV):
@@ -135,7 +138,7 @@ def _varies(value: Value, per_model: bool = False) -> bool:
     if isinstance(value, TableV):
         return True
     if isinstance(value, ListV):
-        if per_model:
+        if per_model and not value.gradient:
             return any(_varies(v) for v in value.items)
         return len(value.items) > 1
     return False

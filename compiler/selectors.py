@@ -39,7 +39,7 @@ def bind_layers(value: Value, num_layers: int) -> Value:
             tuple((layer_bounds(s, num_layers), bind_layers(v, num_layers)) for s, v in value.entries), value.span
         )
     if isinstance(value, ListV):
-        return ListV(tuple(bind_layers(v, num_layers) for v in value.items), value.span)
+        return ListV(tuple(bind_layers(v, num_layers) for v in value.items), value.span, value.gradient)
     return value
 
 

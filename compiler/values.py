@@ -48,6 +48,7 @@ class Bool:
 class ListV:
     items: tuple["Value", ...]
     span: Span
+    gradient: bool = False  # ramp(...): always a gradient across layers, never one value per model
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,55 @@ def ops(name, markdown):
     click.echo(describe(op))
 
 
+@main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--absolute", is_flag=True, help="Make the recipe's relative paths absolute, so that it runs from any folder.")
+def recipe(output, absolute):
+    """Print the recipe that made OUTPUT (a folder written by `mgc run`), exactly as it was.
+
+    Its relative paths are relative to the folder the recipe was in (said on stderr): save it there to run it
+    again, e.g. `mgc recipe OUT > FOLDER/again.merge && mgc run FOLDER/again.merge -o OUT2`, or use --absolute."""
+    from mgc.runtime.provenance import (
+        KEY_RECIPE, KEY_RECIPE_FOLDER, KEY_RECIPE_NAME, KEY_VERSION, absolute_paths, read_provenance,
+    )
+
+    try:
+        meta = read_provenance(output)
+        text, folder = meta[KEY_RECIPE], meta.get(KEY_RECIPE_FOLDER, "?")
+        if absolute:
+            text = absolute_paths(text, meta.get(KEY_RECIPE_NAME, "<recipe>"), folder)
+    except MgcError as e:
+        _fail(e)
+    where = "its paths are absolute" if absolute else f"its relative paths are relative to {folder}"
+    click.echo(f"# {meta.get(KEY_RECIPE_NAME, '?')}, run by mgc {meta.get(KEY_VERSION, '?')}; {where}", err=True)
+    click.echo(text, nl=False)
+
+
+@main.command(name="import")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the recipe here (its paths are relative to its folder); default: print it.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+def import_(config, output, force):
+    """Translate a mergekit (or mergekit-multi) CONFIG.yml into a .merge recipe (docs/migration.md).
+
+    Relative model paths are read from the working directory, as mergekit reads them."""
+    from mgc.mergekit_import import import_config
+
+    try:
+        if output is not None and output.exists() and not force:
+            raise MgcError(f"{output} exists: pass --force to replace it")
+        text = import_config(config, output=output)
+    except MgcError as e:
+        _fail(e)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
 def _quiet_transformers() -> None:
     """No weight-loading progress bars from transformers on the terminal (if it is installed)."""
     try:
@@ -306,6 +355,17 @@ def diagnose(models, data, out_dir, device, max_tokens, max_length, rtol, bootst
         _fail(OutputError(f"{out_dir}: cannot write the diagnostics: {e}"))
     click.echo(format_table(results))
     click.echo(f"\nwrote {out_dir / 'diagnostics.json'} and {out_dir / 'diagnostics.png'}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 listing the files that would change.")
+def fmt(files, check):
+    """Format recipes in the canonical layout, in place (folders: every *.merge below; `-`: stdin to stdout)."""
+    from mgc.grammar.format import fmt_files
+
+    sys.exit(fmt_files(files, check, click.echo, lambda line: click.echo(line, err=True),
+                       stdin=sys.stdin))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from .tokenizer_out import write_tokenizer
 
 from .allocator import keep_freed_memory
 from mgc.core.devices import resolve_device
+from .provenance import CARD_FILE, Provenance
 from .staging import StagedOutput
 from .stale import clean_stale
 from .target import check_target
@@ -80,6 +81,7 @@ def execute(
     stats = RunStats()
     staged: dict = {}
     writers: dict = {}
+    provenance: dict = {}
     bar = _progress(plan, progress)
     loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
              if isinstance(graph.payload(n), Load)]
@@ -91,7 +93,8 @@ def execute(
             out.open()
             tensors = [(p.tensor, p.shape, p.dtype) for p in (graph.payload(n) for n in order)
                        if isinstance(p, Save) and p.output == save.path]
-            writers[save.path] = out.writer(tensors, save.shard_bytes)
+            prov = provenance[save.path] = Provenance(plan, save)
+            writers[save.path] = out.writer(tensors, save.shard_bytes, *prov.metadata())
         for n in order:
             p = graph.payload(n)
             inputs = graph.inputs(n)
@@ -128,6 +131,7 @@ def execute(
             extra = [save.model.config_source.checkpoint.path / f for f in ("generation_config.json",)]
             out.copy_files([f for f in extra if f.is_file()])
             write_tokenizer(out, save)  # copied; tokens added, a chat template set where the save asks
+            out.write_text(CARD_FILE, provenance[save.path].card())  # the model card, last: never over a copied file
         for save in plan.program.saves:
             staged[save.path].commit()
             del staged[save.path]  # after: an interruption in between leaves it to abort(), harmless after commit

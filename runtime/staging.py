@@ -53,8 +53,17 @@ class StagedOutput:
     def error(self, e: OSError) -> OutputError:
         return output_error(self.target, e, self.span)
 
-    def writer(self, tensors, shard_bytes: int) -> "StagedWriter":
-        return StagedWriter(self, tensors, shard_bytes)
+    def writer(self, tensors, shard_bytes: int, metadata=None, first_only=None) -> "StagedWriter":
+        return StagedWriter(self, tensors, shard_bytes, metadata, first_only)
+
+    def write_text(self, name: str, text: str) -> None:
+        """A file of the output (the model card), unless one of that name was copied there already."""
+        path = self.folder / name
+        try:
+            if not os.path.lexists(path):
+                path.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise self.error(e) from None
 
     def write_config(self, config: dict, dtype: Optional[torch.dtype]) -> None:
         config = dict(config)
@@ -129,11 +138,11 @@ class StagedOutput:
 class StagedWriter(ShardedWriter):
     """A ShardedWriter into a StagedOutput, whose OS errors are OutputErrors naming the output folder."""
 
-    def __init__(self, output: StagedOutput, tensors, shard_bytes: int):
+    def __init__(self, output: StagedOutput, tensors, shard_bytes: int, metadata=None, first_only=None):
         self.output = output
         self.files = {}
         try:
-            super().__init__(output.folder, tensors, shard_bytes)
+            super().__init__(output.folder, tensors, shard_bytes, metadata, first_only)
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError):

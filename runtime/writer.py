@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -45,8 +45,14 @@ def plan_shards(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]], sha
 
 
 class ShardedWriter:
-    def __init__(self, folder: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int):
+    def __init__(self, folder: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int,
+                 metadata: Optional[dict[str, str]] = None, first_only: Optional[dict[str, str]] = None):
+        """`metadata` goes into every shard's `__metadata__`; `first_only` into the first shard's only, and every
+        other shard names that shard under `mgc.recipe_in` (runtime/provenance.py). Values must be strings."""
         self.folder = folder
+        for key, value in {**(metadata or {}), **(first_only or {})}.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"safetensors metadata must map strings to strings: {key!r}")
         shards = plan_shards(tensors, shard_bytes)
         count = len(shards)
         self.slots: dict[str, Slot] = {}
@@ -55,9 +61,14 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self.sharded = count > 1
+        names = [f"model-{k:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
+                 for k in range(1, count + 1)]
         for k, shard in enumerate(shards, 1):
-            fname = f"model-{k:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            fname = names[k - 1]
+            meta = {"format": "pt", **(metadata or {})}
+            if first_only:
+                meta.update(first_only if k == 1 else {"mgc.recipe_in": names[0]})
+            header, offset = {"__metadata__": meta}, 0
             for name, shape, dtype in shard:
                 n = _nbytes(shape, dtype)
                 header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}

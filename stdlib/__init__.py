@@ -27,6 +27,10 @@ _MODULES = (
     "della",
     "della_linear",
     "sce",
+    "ram",
+    "ramplus_tl",
+    "consensus_ta",
+    "consensus_ties",
 )
 
 OPERATORS: dict[str, Operator] = {}

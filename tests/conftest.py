@@ -42,3 +42,16 @@ def call_merge(op, tensors, params, base=None, *, generator=None, out=None, **au
     from mgc.stdlib.operator import MergeContext
 
     return op.merge(tensors, params, MergeContext(base=base, aux=aux, generator=generator, out=out))
+
+
+def without_provenance(data: bytes) -> bytes:
+    """A safetensors file's bytes with the provenance mgc writes into its header (`mgc.*` keys of `__metadata__`:
+    the recipe's text, name and folder, the inputs) taken out, for comparing the tensors two runs of recipes that
+    differ only in their save paths wrote (runtime/provenance.py)."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.get("__metadata__", {})
+    header["__metadata__"] = {k: v for k, v in meta.items() if not k.startswith("mgc.")}
+    return json.dumps(header, sort_keys=True).encode() + b"\0" + data[8 + n:]

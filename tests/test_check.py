@@ -314,7 +314,7 @@ def test_table_without_a_default_that_misses_tensors():
 
 
 def test_ramp_takes_two_numbers():
-    expect('x = slerp(base, code, t = ramp(0))\nsave x to "o"\n', RecipeTypeError, 1, 27, "ramp() takes two numbers")
+    expect('x = slerp(base, code, t = ramp(0))\nsave x to "o"\n', RecipeTypeError, 1, 27, "ramp() takes two or more numbers")
     expect('x = slerp(base, code, t = ramp(0, "a"))\nsave x to "o"\n', RecipeTypeError, 1, 35, "ramp() takes numbers, not a string")
 
 
