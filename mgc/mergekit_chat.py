@@ -35,8 +35,8 @@ def chat_template_option(imp: Importer, top: dict[str, Y], ct: Y) -> Optional[st
     if len(v) < 256 and "\n" not in v and "{" not in v and v in BUNDLED:
         refuse(ct, f"chat_template: {v} names a template bundled with mergekit "
                    f"(mergekit/_data/chat_templates/{v}.jinja, LGPL-3.0), which mgc import does not copy",
-               f"paste that file's Jinja text into the recipe's save, chat_template = \"...\", or name the model "
-               f"whose template to keep, chat_template = MODEL")
+               "paste that file's Jinja text into the recipe's save, chat_template = \"...\", or name the model "
+               "whose template to keep, chat_template = MODEL")
     if len(v) < 20 or "{" not in v:
         refuse(ct, f"chat_template '{v}' is neither one of mergekit's bundled templates nor Jinja text "
                    "(mergekit refuses it too)",
