@@ -233,10 +233,16 @@ def import_(config, output, force):
         _fail(e)
     if output is None:
         click.echo(text, nl=False)
-    else:
+        return
+    from mgc.core.errors import OutputError
+    from mgc.grammar.format_files import write_atomically
+
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
+        write_atomically(output, text)
+    except OSError as e:
+        _fail(OutputError(f"cannot write {output}: {e.strerror or e}"))
+    click.echo(f"wrote {output}", err=True)
 
 
 def _quiet_transformers() -> None:

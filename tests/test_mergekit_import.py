@@ -372,6 +372,13 @@ def test_cli_import(tmp_path, repo_root):
     assert again.exit_code != 0 and "--force" in again.output
 
 
+def test_cli_import_to_a_place_it_cannot_write_is_an_error_not_a_traceback(tmp_path, repo_root):
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(main, ["import", "tests/fixtures/mergekit/linear.yml", "-o", str(tmp_path / "file" / "r.merge")])
+    assert result.exit_code == 1, result.output
+    assert "cannot write" in result.output and "Traceback" not in result.output
+
+
 # --- ramp() with several points, and the hint for a bare list ------------------------------------------
 
 def test_ramp_takes_several_points_on_a_per_model_parameter(tmp_path, repo_root):
