@@ -178,18 +178,30 @@ def same_rows(model: ModelValue, a: str, b: str) -> bool:
     return False
 
 
+def parts_of(model: ModelValue, name: str) -> list[tuple[ModelValue, str]]:
+    """The values (and their tensor names) that tensor `name` of `model` is read from, one level down."""
+    if isinstance(model, HeadView):
+        return [(model.value, model.source_name(name))]
+    if isinstance(model, FisherModel):
+        return [(model.model, name)]
+    if isinstance(model, WithModel):
+        return [(model.source_of(name), name)]
+    if isinstance(model, StackModel):
+        return [model.sources[name]]
+    if isinstance(model, OpModel):
+        parts = list(model.inputs) + [m for ms in model.aux.values() for m in ms]
+    else:  # a kind of value this module does not know: what it is made of
+        parts = model.children()
+    return [(m, name) for m in parts if name in m.tensors]
+
+
 def involves_view(model: ModelValue, name: str) -> bool:
     """Whether tensor `name` of `model` is read, somewhere down, through a HeadView."""
-    if isinstance(model, HeadView):
-        return name == model.head or involves_view(model.value, name)
-    if isinstance(model, WithModel):
-        return involves_view(model.source_of(name), name)
-    if isinstance(model, StackModel):
-        src, n = model.sources[name]
-        return involves_view(src, n)
-    if isinstance(model, OpModel):
-        return any(involves_view(m, name) for m in list(model.inputs) + [m for ms in model.aux.values() for m in ms])
-    return False
+    if isinstance(model, HeadView) and name == model.head:
+        return True
+    if isinstance(model, (CheckpointModel, FisherModel)):
+        return False
+    return any(involves_view(m, n) for m, n in parts_of(model, name))
 
 
 def output_tie(model: ModelValue) -> tuple[Optional[str], Optional[bool]]:

@@ -16,9 +16,9 @@ import numpy as np
 from mgc.core.errors import CheckpointError, MgcError, MgcWarning, RecipeTypeError
 from mgc.core.paths import relative_to_cwd
 
-from .heads import HeadView, head_view, is_head_name, is_vocab_name, layout, output_tie, require_layout, set_tie_flag
+from .heads import head_view, is_head_name, is_vocab_name, layout, output_tie, parts_of, require_layout, set_tie_flag
 from .layers import TEXT_CONFIGS
-from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, TensorSpec, WithModel
+from .values import CheckpointModel, ModelValue, TensorSpec
 from .vocab_options import VocabOptions, vocab_options
 from .vocab_read import fingerprint, read_vocabulary, tokenizers_available
 
@@ -240,20 +240,7 @@ def sources(model: ModelValue, name: str) -> list[tuple[object, TensorSpec]]:
     """(checkpoint, its tensor's spec) for each checkpoint whose tensor reaches tensor `name` of `model`."""
     if isinstance(model, CheckpointModel):
         return [(model.checkpoint, model.tensors[name])]
-    if isinstance(model, FisherModel):
-        return sources(model.model, name)
-    if isinstance(model, HeadView):
-        return sources(model.value, model.source_name(name))
-    if isinstance(model, WithModel):
-        return sources(model.source_of(name), name)
-    if isinstance(model, StackModel):
-        src, n = model.sources[name]
-        return sources(src, n)
-    if isinstance(model, OpModel):
-        parts = list(model.inputs) + [m for ms in model.aux.values() for m in ms]
-    else:  # a kind of value mgc's vocabulary code does not know: what it is made of
-        parts = model.children()
-    return [found for m in parts if name in m.tensors for found in sources(m, name)]
+    return [found for m, n in parts_of(model, name) for found in sources(m, n)]
 
 
 def _update_config(config: dict, rows: int) -> None:
