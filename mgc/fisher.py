@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-from mgc.compiler.fisher_cache import (  # noqa: F401  (the cache key and its inputs)
-    DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES, ESTIMATOR_VERSION, INFO_FILE, WEIGHTS_FILE, DataInfo, FisherError, PathLike,
-    cache_path, cache_root, fisher_key, fishers_used, inspect_data, is_cached, plan_lines, transformers_available,
+from mgc.compiler.fisher_cache import (  # noqa: F401  (plan_lines: re-exported with the rest of fisher())
+    DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES, ESTIMATOR_VERSION, INFO_FILE, WEIGHTS_FILE, FisherError, PathLike,
+    cache_path, fisher_key, fishers_used, inspect_data, is_cached, plan_lines,
 )
 from mgc.core.errors import CheckpointError, MergeRuntimeError, MgcError
 from mgc.lm import encode_text, load, read_documents, require, resolve_device

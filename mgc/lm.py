@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 
 from mgc.core.devices import resolve_device  # noqa: F401  (re-exported: the one device choice)
-from mgc.core.documents import DataError, decode_text, read_documents, read_text, split_documents  # noqa: F401
+from mgc.core.documents import DataError, read_documents, read_text, split_documents  # noqa: F401
 from mgc.core.errors import CheckpointError, MgcError, Source, Span
 
 EXTRA_HINT = "pip install 'mgc[eval]'"

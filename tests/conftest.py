@@ -55,3 +55,13 @@ def without_provenance(data: bytes) -> bytes:
     meta = header.get("__metadata__", {})
     header["__metadata__"] = {k: v for k, v in meta.items() if not k.startswith("mgc.")}
     return json.dumps(header, sort_keys=True).encode() + b"\0" + data[8 + n:]
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, from all its safetensors shards."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out |= load_file(f)
+    return out

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mgc.api import compile_recipe, run
 from mgc.core.errors import RecipeTypeError
+from conftest import load_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,12 +74,6 @@ def _run(zoo: Path, tmp_path: Path, body: str):
     return run(recipe, device="cpu")
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
 
 def _loads(folder: Path):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
@@ -110,7 +104,7 @@ def test_slerp_with_a_gradient_reads_the_layer_index(arch, zoo, tmp_path):
         b = model("ZOO/{arch}1")
         save slerp(a, b, t = [0, 1]) to "out" {{ dtype = fp32 }}
     """)
-    got, a, b = _tensors(tmp_path / "out"), _tensors(zoo / f"{arch}0"), _tensors(zoo / f"{arch}1")
+    got, a, b = load_folder(tmp_path / "out"), load_folder(zoo / f"{arch}0"), load_folder(zoo / f"{arch}1")
     assert got.keys() == a.keys()
     experts = [n for n in got if ".experts." in n]
     assert bool(experts) == (arch in ("mixtral", "qwen2_moe"))
@@ -138,9 +132,9 @@ def test_linear_stack_and_layer_selectors(arch, zoo, tmp_path):
         save a with {{ layers[1:2]: b }} to "with"
         save slerp(a, b, t = {{ layers[2:]: 1, _: 0 }}) to "table"
     """)
-    a, b = _tensors(zoo / f"{arch}0"), _tensors(zoo / f"{arch}1")
+    a, b = load_folder(zoo / f"{arch}0"), load_folder(zoo / f"{arch}1")
 
-    lin = _tensors(tmp_path / "lin")
+    lin = load_folder(tmp_path / "lin")
     for name in lin:  # term by term in float32, then divided by the sum of the weights, as mgc computes it
         assert torch.equal(lin[name], (a[name].float() * 1.0 + b[name].float() * 3.0) / 4.0), name
 
@@ -152,7 +146,7 @@ def test_linear_stack_and_layer_selectors(arch, zoo, tmp_path):
         m = LAYER.search(name)
         return name[:m.start(1)] + str(i) + name[m.end(1):]
 
-    tall = _tensors(tmp_path / "tall")
+    tall = load_folder(tmp_path / "tall")
     sources = [(a, 0), (a, 1), (b, 1), (b, 2), (a, 2)]
     assert {layer(n) for n in tall} - {None} == set(range(5))
     for name in tall:
@@ -164,7 +158,7 @@ def test_linear_stack_and_layer_selectors(arch, zoo, tmp_path):
     assert len([n for n in tall if ".experts." in n]) == len([n for n in a if ".experts." in n]) * 5 // LAYERS
 
     for out, pick in (("with", lambda i: i == 1), ("table", lambda i: i is not None and i >= 2)):
-        got = _tensors(tmp_path / out)
+        got = load_folder(tmp_path / out)
         for name in got:
             assert torch.equal(got[name], (b if pick(layer(name)) else a)[name]), (out, name)
     for out in ("lin", "tall", "with", "table"):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from mgc.api import run
 from mgc.cli import main
 from mgc.compiler.ir import Load
+from conftest import load_folder
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -27,12 +27,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # ---------------------------------------------------------------- helpers
 
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= load_file(f)
-    return out
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mgc.api import compile_recipe, run
 from mgc.core.errors import CheckpointError, MgcError, RecipeTypeError
 from mgc.compiler.layers import layer_map
+from conftest import load_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,12 +72,6 @@ def _run(zoo: Path, tmp_path: Path, body: str):
     return run(recipe, device="cpu")
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
 
 def _config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
@@ -102,7 +96,7 @@ def test_an_operator_or_with_over_a_stack_keeps_the_stack_s_layer_count(zoo, tmp
     assert _config(out)["num_hidden_layers"] == 6
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 6
-    saved = _tensors(out)["model.layers.5.mlp.up_proj.weight"]
+    saved = load_folder(out)["model.layers.5.mlp.up_proj.weight"]
     assert torch.equal(model.model.layers[5].mlp.up_proj.weight.data, saved.to(model.dtype))
 
 
@@ -130,10 +124,10 @@ def test_stack_of_a_vision_language_model_updates_the_nested_text_config(zoo, tm
     config = _config(out)
     assert config["text_config"]["num_hidden_layers"] == 6
     assert config["vision_config"]["num_hidden_layers"] == 3  # the vision tower is not the stacked one
-    tensors = _tensors(out)
+    tensors = load_folder(out)
     assert {int(n.split(".")[3]) for n in tensors if n.startswith("language_model.model.layers.")} == set(range(6))
     assert torch.equal(tensors["language_model.model.layers.5.mlp.up_proj.weight"],
-                       _tensors(zoo / "llava1")["language_model.model.layers.3.mlp.up_proj.weight"])
+                       load_folder(zoo / "llava1")["language_model.model.layers.3.mlp.up_proj.weight"])
     model = transformers.LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.text_config.num_hidden_layers == 6
 
@@ -156,7 +150,7 @@ def test_a_gradient_reaches_the_layers_of_a_vision_language_model(zoo, tmp_path)
         b = model("ZOO/llava1")
         save slerp(a, b, t = [0, 1]) to "OUT"
     """)
-    got, a, b = _tensors(tmp_path / "out"), _tensors(zoo / "llava0"), _tensors(zoo / "llava1")
+    got, a, b = load_folder(tmp_path / "out"), load_folder(zoo / "llava0"), load_folder(zoo / "llava1")
     last_text = "language_model.model.layers.3.mlp.up_proj.weight"
     assert torch.equal(got[last_text], b[last_text])  # t = 1 at the last language layer
     first_text = "language_model.model.layers.0.mlp.up_proj.weight"
@@ -186,7 +180,7 @@ def test_a_table_gives_unplaced_tensors_their_own_value(zoo, tmp_path):
         b = model("ZOO/qwen1")
         save slerp(a, b, t = { "visual.merger": 1, _: [0, 1] }) to "OUT"
     """)
-    got, a, b = _tensors(tmp_path / "out"), _tensors(zoo / "qwen0"), _tensors(zoo / "qwen1")
+    got, a, b = load_folder(tmp_path / "out"), load_folder(zoo / "qwen0"), load_folder(zoo / "qwen1")
     assert torch.equal(got["visual.merger.mlp.0.weight"], b["visual.merger.mlp.0.weight"])
     blocks = sorted(n for n in got if n.startswith("visual.blocks.1.") and n.endswith("weight"))
     assert blocks and all(torch.equal(got[n], b[n]) for n in blocks)  # vision block 1 of 2 reads t = 1
@@ -201,7 +195,7 @@ def test_a_layer_selector_on_a_tensor_mgc_cannot_place_is_an_error(zoo, tmp_path
 
 def test_layer_selectors_address_the_language_model(zoo, tmp_path):
     _run(zoo, tmp_path, 'a = model("ZOO/llava0")\nb = model("ZOO/llava1")\nsave a with { layers[3:]: b } to "OUT"\n')
-    got, a, b = _tensors(tmp_path / "out"), _tensors(zoo / "llava0"), _tensors(zoo / "llava1")
+    got, a, b = load_folder(tmp_path / "out"), load_folder(zoo / "llava0"), load_folder(zoo / "llava1")
     for name in got:
         source = b if name.startswith("language_model.model.layers.3.") else a
         assert torch.equal(got[name], source[name]), name
@@ -234,7 +228,7 @@ def test_a_stack_with_a_missing_layer_is_an_error(tmp_path):
 def test_without_dtype_the_output_dtype_does_not_depend_on_argument_order(zoo, tmp_path, order):
     body = "".join(f'{n} = model("ZOO/{n}")\n' for n in ("a", "a16", "abf"))
     plan, _ = _run(zoo, tmp_path, body + f'save linear({", ".join(order)}) to "OUT"\n')
-    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.float32}
+    assert {t.dtype for t in load_folder(tmp_path / "out").values()} == {torch.float32}
     assert _config(tmp_path / "out")["torch_dtype"] == "float32"
     (warning,) = plan.program.warnings
     assert "different dtypes" in warning.message and "float32" in warning.message
@@ -242,20 +236,20 @@ def test_without_dtype_the_output_dtype_does_not_depend_on_argument_order(zoo, t
 
 def test_a_stack_of_two_dtypes_is_saved_in_one(zoo, tmp_path):
     plan, _ = _run(zoo, tmp_path, 'x = model("ZOO/a16")\ny = model("ZOO/abf")\nsave stack(x.layers[0:2], y.layers[2:4]) to "OUT"\n')
-    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.float32}
+    assert {t.dtype for t in load_folder(tmp_path / "out").values()} == {torch.float32}
     assert len(plan.program.warnings) == 1
 
 
 def test_a_float64_output_says_float64_in_its_config(zoo, tmp_path):
     """The config's dtype follows the tensors written, float64 included (it used to keep the first input's)."""
     _run(zoo, tmp_path, 'x = model("ZOO/abf")\ny = model("ZOO/a64")\nsave linear(x, y) to "OUT"\n')
-    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.float64}
+    assert {t.dtype for t in load_folder(tmp_path / "out").values()} == {torch.float64}
     assert _config(tmp_path / "out")["torch_dtype"] == "float64"
 
 
 def test_inputs_that_agree_keep_their_dtype_without_a_warning(zoo, tmp_path):
     plan, _ = _run(zoo, tmp_path, 'x = model("ZOO/abf")\nsave slerp(x, x, t = 0.5) to "OUT"\n')
-    assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_folder(tmp_path / "out").values()} == {torch.bfloat16}
     assert _config(tmp_path / "out")["torch_dtype"] == "bfloat16"
     assert plan.program.warnings == []
 
@@ -280,7 +274,7 @@ def test_the_vision_tower_is_addressed_by_name(zoo, tmp_path):
         b = model("ZOO/llava1")
         save a with { "vision_tower.*.layers.[0-1].*": b, layers[0:1]: b } to "OUT"
     """)
-    got, a, b = _tensors(tmp_path / "out"), _tensors(zoo / "llava0"), _tensors(zoo / "llava1")
+    got, a, b = load_folder(tmp_path / "out"), load_folder(zoo / "llava0"), load_folder(zoo / "llava1")
     vision = [n for n in got if n.startswith("vision_tower.") and ".encoder.layers." in n]
     assert any(".layers.2." in n for n in vision)  # the tower's third block stays model a's
     for name in got:

@@ -16,6 +16,7 @@ from mgc.api import compile_recipe, run
 from mgc.compiler.ir import Apply
 from mgc.compiler.norm_offsets import stored_offset
 from mgc.stdlib import OPERATORS
+from conftest import load_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,12 +130,6 @@ def _run(root: Path, tmp_path: Path, body: str, **kwargs):
     return run(recipe, device="cpu", **kwargs)
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
 
 def _slerp(t: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = x.double(), y.double()
@@ -148,7 +143,7 @@ def test_slerp_of_gemma_norms_is_the_slerp_of_their_gains(gemmas, tmp_path):
         b = model("ZOO/b")
         save slerp(a, b, t = [0, 0.3, 0.8]) to "out" { dtype = fp32 }
     """)
-    got, a, b = _tensors(tmp_path / "out"), _tensors(gemmas / "a"), _tensors(gemmas / "b")
+    got, a, b = load_folder(tmp_path / "out"), load_folder(gemmas / "a"), load_folder(gemmas / "b")
     norms = [n for n in got if n.endswith("norm.weight")]
     assert len(norms) == 3 * 4 + 1
     for name in norms:
@@ -173,14 +168,14 @@ def test_linear_of_gemma_norms_is_unchanged_bit_for_bit(gemmas, tmp_path):
         save linear(a, b, weights = [0.25, 0.5], normalize = false) to "sum" { dtype = fp32 }
         save task_arithmetic(a, b, base = base) to "ta" { dtype = fp32 }
     """)
-    a, b, base = _tensors(gemmas / "a"), _tensors(gemmas / "b"), _tensors(gemmas / "base")
-    lin, ta = _tensors(tmp_path / "lin"), _tensors(tmp_path / "ta")
+    a, b, base = load_folder(gemmas / "a"), load_folder(gemmas / "b"), load_folder(gemmas / "base")
+    lin, ta = load_folder(tmp_path / "lin"), load_folder(tmp_path / "ta")
     for name in lin:  # as mgc's linear always computes it: term by term in float32, then / Σ w
         assert torch.equal(lin[name], (a[name] * 0.3 + b[name] * 0.7) / 1.0), name
     # task arithmetic on the stored weights: the same bytes as for any other tensor
     assert torch.equal(ta[NORM], base[NORM] + ((a[NORM] - base[NORM]) + (b[NORM] - base[NORM])))
     # weights summing to 0.75 without normalize: Σ wᵢ(1 + wᵢ) − 1 ≠ Σ wᵢwᵢ, so the gains are combined
-    got = _tensors(tmp_path / "sum")[NORM].double()
+    got = load_folder(tmp_path / "sum")[NORM].double()
     assert torch.allclose(got, 0.25 * (a[NORM].double() + 1) + 0.5 * (b[NORM].double() + 1) - 1, atol=3e-7)
 
 
@@ -210,7 +205,7 @@ def test_the_optimizer_keeps_the_bytes_with_offsets(gemmas, tmp_path):
     for optimize in (True, False):
         plan = compile_recipe(tmp_path / "r.merge", text=body, output=tmp_path / str(optimize), optimize_graph=optimize)
         execute(plan, device="cpu", progress=False)
-        out[optimize] = {f"{d.name}/{k}": v for d in (tmp_path / str(optimize)).iterdir() for k, v in _tensors(d).items()}
+        out[optimize] = {f"{d.name}/{k}": v for d in (tmp_path / str(optimize)).iterdir() for k, v in load_folder(d).items()}
     assert out[True].keys() == out[False].keys()
     assert all(torch.equal(out[True][k], out[False][k]) for k in out[True])
 

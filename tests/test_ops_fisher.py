@@ -12,12 +12,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mgc.api import compile_recipe, run as run_recipe
 from mgc.core.errors import CheckpointError, MgcError, RecipeTypeError
 from conftest import call_merge
 from mgc.stdlib import OPERATORS
+from conftest import load_folder
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 PRECISE = {"max_iter": 100, "tol": 1e-12}
@@ -434,12 +435,6 @@ def write_fisher(folder: Path, seed: int, *, negative: str | None = None, drop: 
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= load_file(f)
-    return out
 
 
 def header(**fishers: Path) -> str:

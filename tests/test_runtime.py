@@ -21,6 +21,7 @@ from mgc.core.safetensors_header import read_header
 from mgc.runtime.writer import ShardedWriter, plan_shards
 
 from conftest import without_provenance
+from conftest import load_folder
 
 # ---------------------------------------------------------------- helpers
 
@@ -41,12 +42,6 @@ def leftovers(root: Path) -> list[str]:
     """What the runtime makes beside an output while it runs (none may survive a run)."""
     return [str(p) for p in root.rglob("*") if any(f"mgc-{kind}" in p.name for kind in ("tmp", "old", "owner"))]
 
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out |= load_file(f)
-    return out
 
 
 def write_recipe(tmp_path: Path, text: str, name: str = "r.merge") -> Path:
