@@ -42,6 +42,9 @@ def import_config(config: Path, text: Optional[str] = None, output: Optional[Pat
             text = config.read_text(encoding="utf-8")
         except OSError as e:
             raise MgcError(f"cannot read {config}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise MergekitImportError(f"{config} is not UTF-8 text (byte {e.start})",
+                                      hint="a mergekit configuration is a YAML text file") from None
     name = str(config)
     docs = load_yaml(text, name)
     if not docs:

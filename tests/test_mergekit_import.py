@@ -535,3 +535,37 @@ def test_auto_chat_template_names_a_model_with_the_most_common_one(tmp_path):
 def test_auto_chat_template_of_a_hub_model_is_refused(tmp_path):
     with pytest.raises(MgcError, match="cannot read the template of 'org/a'"):
         import_config(chat_config(tmp_path, "auto", ("org/a", "org/b")), output=tmp_path / "r.merge", root=tmp_path)
+
+
+def test_cli_import_of_a_file_that_is_not_text_is_an_error_not_a_traceback(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_bytes(b"\xff\xfe\x00merge_method: linear\n")
+    result = CliRunner().invoke(main, ["import", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "not UTF-8" in result.output and "Traceback" not in result.output
+
+
+def test_mutated_configs_give_errors_never_tracebacks(repo_root):
+    """Random edits of the fixtures: the importer either translates them or raises an MgcError."""
+    import random
+
+    fixtures = sorted((repo_root / "tests" / "fixtures" / "mergekit").glob("*.yml"))
+    r = random.Random(int(os.environ.get("MGC_FUZZ_SEED", "1")))
+    words = [":", "-", " ", "\n", "[", "]", "{", "}", "0.5", "[1, 0.7]", "null", "true", "weight", "density",
+             "layer_range", "model", "sources", "slices", "parameters", "filter", "value", "&a", "*a", "'x'",
+             "1e400", "-1", "name"]
+    for _ in range(300):
+        text = r.choice(fixtures).read_text()
+        for _ in range(r.randint(1, 4)):
+            k, op = r.randrange(len(text) + 1), r.random()
+            if op < 0.4:
+                text = text[:k] + r.choice(words) + text[k:]
+            elif op < 0.7:
+                text = text[:k] + text[k + r.randint(1, 8):]
+            else:
+                j = r.randrange(len(text) + 1)
+                text = text[:k] + text[j:j + r.randint(1, 20)] + text[k:]
+        try:
+            import_config(repo_root / "tests" / "fixtures" / "mergekit" / "mutated.yml", text=text)
+        except MgcError:
+            pass
