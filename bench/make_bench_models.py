@@ -20,6 +20,7 @@ matter for a benchmark).
 
     python bench/make_bench_models.py                          # l16-base, l16-e1 .. l16-e5
     python bench/make_bench_models.py --layers 32 --experts 3  # l32-base, l32-e1 .. l32-e3
+    python bench/make_bench_models.py --experts 0 --tuned      # l16-base, l16-tuned (bench/extract_lora.py)
 
 A checkpoint that already exists with the same generation spec is left alone, so running the
 script again is cheap. Folders are written under a temporary name and renamed when complete.
@@ -142,9 +143,39 @@ def expert_weights(base: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
     return out
 
 
+TUNED_REL = 0.05  # relative Frobenius norm of the fine-tune's delta on each projection
+TUNED_DECAY = 0.5  # its k-th singular value is proportional to k ** -TUNED_DECAY
+
+
+def tuned_weights(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stand-in for a full fine-tune, for LoRA extraction: each 2-D projection in the layers gets a delta of
+    relative norm TUNED_REL whose spectrum decays as a power law (σ_k ∝ k^-TUNED_DECAY, so the top 16 / 64 / 256
+    directions hold about 45 % / 63 % / 81 % of its energy, as a full fine-tune's slow spectrum does); norms get
+    small changes; the embeddings and head are unchanged (typical of fine-tunes that add no tokens)."""
+    gen = torch.Generator().manual_seed(BASE_SEED + 777)
+    out = {}
+    for name, w in base.items():
+        if name.startswith("model.layers.") and w.dim() == 2:
+            m, n = w.shape
+            k = min(m, n)
+            a = _randn_f32(gen, m * k).view(m, k)
+            b = _randn_f32(gen, k * n).view(k, n)
+            s = torch.arange(1, k + 1, dtype=torch.float32).pow(-TUNED_DECAY)
+            delta = (a * s) @ b
+            w32 = w.float()
+            delta.mul_(TUNED_REL * w32.norm() / delta.norm())
+            out[name] = (w32 + delta).to(torch.bfloat16)
+        elif w.dim() == 1:
+            out[name] = (w.float() + 0.01 * _randn_f32(gen, w.numel())).to(torch.bfloat16)
+        else:
+            out[name] = w
+    return out
+
+
 def spec(layers: int, role: str) -> dict:
-    return {"version": SPEC_VERSION, "layers": layers, "role": role, "seed": BASE_SEED,
-            "rel": None if role == "base" else expert_rel(int(role[1:])), "bytes": model_bytes(layers)}
+    rel = None if role == "base" else TUNED_REL if role == "tuned" else expert_rel(int(role[1:]))
+    return {"version": SPEC_VERSION, "layers": layers, "role": role, "seed": BASE_SEED, "rel": rel,
+            "bytes": model_bytes(layers)}
 
 
 def is_complete(folder: Path, want: dict) -> bool:
@@ -190,9 +221,9 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], layers: int
     tmp.rename(folder)
 
 
-def make_models(out: Path, layers: int, experts: int, name: str) -> dict[str, Path]:
+def make_models(out: Path, layers: int, experts: int, name: str, tuned: bool = False) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    roles = ["base"] + [f"e{k}" for k in range(1, experts + 1)]
+    roles = ["base"] + [f"e{k}" for k in range(1, experts + 1)] + (["tuned"] if tuned else [])
     paths = {r: out / f"{name}{r}" for r in roles}
     todo = [r for r in roles if not is_complete(paths[r], spec(layers, r))]
     if not todo:
@@ -200,7 +231,7 @@ def make_models(out: Path, layers: int, experts: int, name: str) -> dict[str, Pa
     base = base_weights(layers)  # every expert is derived from the base, so it is always drawn
     for r in todo:
         start = time.perf_counter()
-        tensors = base if r == "base" else expert_weights(base, int(r[1:]))
+        tensors = base if r == "base" else tuned_weights(base) if r == "tuned" else expert_weights(base, int(r[1:]))
         write_checkpoint(paths[r], tensors, layers, spec(layers, r))
         print(f"wrote {paths[r]} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         del tensors
@@ -213,10 +244,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16, help="num_hidden_layers (default 16)")
     ap.add_argument("--experts", type=int, default=5, help="number of experts (default 5)")
     ap.add_argument("--name", default=None, help="folder name prefix (default 'l<layers>-')")
+    ap.add_argument("--tuned", action="store_true", help="also a fine-tune of the base for LoRA extraction ('<prefix>tuned')")
     args = ap.parse_args()
     name = f"l{args.layers}-" if args.name is None else args.name
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    paths = make_models(args.out, args.layers, args.experts, name)
+    paths = make_models(args.out, args.layers, args.experts, name, args.tuned)
     size = model_bytes(args.layers)
     print(f"{len(paths)} checkpoints of {size / 1e9:.3f} GB ({size / 2**20:.0f} MiB) each, {args.layers} layers:")
     for r, p in paths.items():

@@ -14,7 +14,10 @@ from .call_args import one_argument_and_options
 from .heads import vocab_rows_differ
 from .inputs import fisher_data
 from .layer_kinds import check_layer_kinds
+from .extract_lora import extract_lora
 from .lora import lora
+from .search_space import search
+from .moe import moe
 from .values import (
     CheckpointModel, FisherModel, LayerRange, ListV, ModelValue, Num, StackModel, Str, TensorSpec, Value, kind_of,
     stack_sources,
@@ -164,4 +167,5 @@ def _check_stack_shapes(parts: list[LayerRange]) -> None:
 
 
 Builtin = Callable[["Checker", ast.Call, dict, tuple], Value]
-BUILTINS: dict[str, Builtin] = {"model": open_model, "ramp": ramp, "stack": stack_layers, "fisher": fisher, "lora": lora}
+BUILTINS: dict[str, Builtin] = {"model": open_model, "ramp": ramp, "stack": stack_layers, "fisher": fisher, "lora": lora, "moe": moe,
+                              "extract_lora": extract_lora, "search": search}

@@ -11,6 +11,11 @@ def one_argument_and_options(fn: str, what: str, e: ast.Call, allowed: tuple[str
     e.g. "one model") and only known, unrepeated options."""
     if len(e.args) != 1:
         raise RecipeTypeError(f"{fn}() takes {what}, got {len(e.args)} positional arguments", e.span, f"write {usage}")
+    return named_options(fn, e, allowed)
+
+
+def named_options(fn: str, e: ast.Call, allowed: tuple[str, ...]) -> dict[str, ast.Kwarg]:
+    """{option name: its keyword argument}, after checking each is known and given once."""
     opts: dict[str, ast.Kwarg] = {}
     for k in e.kwargs:
         if k.name not in allowed:

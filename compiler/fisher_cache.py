@@ -124,6 +124,16 @@ def _part(h, tag: str, data: bytes) -> None:
     h.update(data)
 
 
+def fingerprint_checkpoint(h, model_dir: Path) -> None:
+    """Hash into `h` the checkpoint's config.json bytes, its tokenizer files' bytes and its weight fingerprints."""
+    _part(h, "config", (model_dir / "config.json").read_bytes())
+    for name in sorted(TOKENIZER_FILES):
+        if (model_dir / name).is_file():
+            _part(h, f"tokenizer:{name}", (model_dir / name).read_bytes())
+    for file in _weight_files(model_dir):
+        _fingerprint_weights(h, file)
+
+
 def fisher_key(
     model_dir: PathLike, data_path: PathLike, samples: int = DEFAULT_SAMPLES, max_length: int = DEFAULT_MAX_LENGTH,
     *, data_sha256: Optional[str] = None,
@@ -133,15 +143,9 @@ def fisher_key(
     data file's sha256 (its content, not its path); `samples` and `max_length`. Reads headers and a few bytes per
     tensor, never whole tensors, and the data file unless its sha256 is given."""
 
-    model_dir = Path(model_dir)
     h = hashlib.sha256()
     _part(h, "mgc-fisher", str(ESTIMATOR_VERSION).encode())
-    _part(h, "config", (model_dir / "config.json").read_bytes())
-    for name in sorted(TOKENIZER_FILES):
-        if (model_dir / name).is_file():
-            _part(h, f"tokenizer:{name}", (model_dir / name).read_bytes())
-    for file in _weight_files(model_dir):
-        _fingerprint_weights(h, file)
+    fingerprint_checkpoint(h, Path(model_dir))
     _part(h, "data", (data_sha256 or inspect_data(data_path).sha256).encode())
     _part(h, "samples", str(int(samples)).encode())
     _part(h, "max_length", str(int(max_length)).encode())

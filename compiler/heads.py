@@ -19,6 +19,7 @@ from typing import Optional
 from mgc.core.errors import RecipeTypeError, Span
 
 from .layers import TEXT_CONFIGS
+from .moe import MoeModel
 from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, TensorSpec, WithModel
 
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
@@ -186,8 +187,8 @@ def parts_of(model: ModelValue, name: str) -> list[tuple[ModelValue, str]]:
         return [(model.model, name)]
     if isinstance(model, WithModel):
         return [(model.source_of(name), name)]
-    if isinstance(model, StackModel):
-        return [model.sources[name]]
+    if isinstance(model, (StackModel, MoeModel)):  # a moe() router is read from no model
+        return [model.sources[name]] if name in model.sources else []
     if isinstance(model, OpModel):
         parts = list(model.inputs) + [m for ms in model.aux.values() for m in ms]
     else:  # a kind of value this module does not know: what it is made of

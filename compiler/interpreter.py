@@ -15,10 +15,13 @@ from mgc.stdlib import OPERATORS
 
 from .builtins import BUILTINS, require_primary_stack
 from .heads import head_view, is_head_name
+from .gate_cache import MODES as GATE_MODES
 from .inputs import Inputs
+from .moe_gate import outside_moe
 from .operator_call import apply_operator, same_shape
 from .program import Program, SaveSpec
 from .save import check_save
+from .search_space import domain_names
 from .selectors import layer_bounds, selector_hint, selector_of
 from .values import Bool, FisherModel, Function, LayerRange, ListV, ModelValue, Num, Str, TableV, Value, WithModel, kind_of
 
@@ -31,14 +34,20 @@ class _Poisoned(Exception):
 
 
 class Checker:
-    def __init__(self, recipe: ast.Recipe, allow_pickle: bool = False, base_dir: Optional[Path] = None):
+    def __init__(self, recipe: ast.Recipe, allow_pickle: bool = False, base_dir: Optional[Path] = None,
+                 assignment: Optional[dict] = None, inputs: Optional[Inputs] = None):
         self.recipe = recipe
         self.base_dir = base_dir or recipe_folder(recipe.source.name)
-        self.inputs = Inputs(self.base_dir, allow_pickle)
+        self.inputs = inputs or Inputs(self.base_dir, allow_pickle)
+        # search() domains by the place of their call, and the values this check gives them (else their defaults)
+        self.assignment: dict = assignment or {}
+        self.domains: dict = {}
+        self.domain_names = domain_names(recipe)
         self.globals: dict[str, Value] = {}
         self.poisoned: set[str] = set()
         self.defs: dict[str, ast.Def] = {}
         self.fishers: dict[Path, FisherModel] = {}
+        self.gates: dict[Path, object] = {}  # moe() gates by cache folder (compiler/gate_cache.py)
         self.warnings: list[MgcError] = []
         self.errors: list[MgcError] = []
         self.reads: dict[int, set[int]] = {}  # statement -> the assignments it read
@@ -72,7 +81,8 @@ class Checker:
             ))
         if self.errors:
             raise self.errors[0] if len(self.errors) == 1 else MgcErrors(self.errors)
-        return Program(saves, self.inputs.checkpoints, self._unused(), self.fishers, self.warnings)
+        return Program(saves, self.inputs.checkpoints, self._unused(), self.fishers, self.warnings, gates=self.gates,
+                       domains=self.domains)
 
     def _unused(self) -> list[str]:
         """Assigned names that no save needs, directly or through other assignments."""
@@ -119,11 +129,14 @@ class Checker:
 
     def model_of(self, e: ast.Expr, env, stack, what: str) -> ModelValue:
         """The value of `e`, which must be a model; `what` names it in the error."""
-        value = self.eval(e, env, stack)
+        return self.require_model(self.eval(e, env, stack), e, what)
+
+    def require_model(self, value: Value, e: ast.Expr, what: str) -> ModelValue:
         if not isinstance(value, ModelValue):
             quoted = isinstance(value, Str) and value.value.isidentifier()
+            hint = f"a model is named without quotes: write {value.value}" if quoted else None
             raise RecipeTypeError(f"{what} must be a model, not {kind_of(value)}", e.span,
-                                  f"a model is named without quotes: write {value.value}" if quoted else None)
+                                  hint or getattr(value, "not_a_model_hint", None))  # an adapter (extract_lora)
         return value
 
     def deep_enough(self, model: ModelValue) -> ModelValue:
@@ -166,6 +179,8 @@ class Checker:
         if builtin is not None:
             return builtin(self, e, env, stack)
         op = OPERATORS.get(e.func)
+        if op is None and e.func in GATE_MODES:
+            raise outside_moe(e)
         if op is None:
             hint = did_you_mean(e.func, list(OPERATORS) + list(BUILTINS) + list(self.defs))
             raise RecipeNameError(f"unknown operator '{e.func}'", e.func_span, hint or "`mgc ops` lists the operators")

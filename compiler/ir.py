@@ -225,3 +225,12 @@ def saved_dtype_results(graph: Graph) -> dict[int, torch.dtype]:
         if len(dtypes) == 1 and None not in dtypes:
             out[n] = dtypes.pop()
     return out
+
+
+def meanings(graph: Graph) -> dict[int, tuple]:
+    """Each node's meaning: its payload's key and, in order, its inputs' meanings. Equal across graphs for equal
+    computations, so a value computed for one graph can stand for a node of another with the same meaning."""
+    out: dict[int, tuple] = {}
+    for n in nx.topological_sort(graph):
+        out[n] = (graph.payload(n).key(), tuple(out[i] for i in graph.inputs(n)))
+    return out

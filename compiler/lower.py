@@ -10,7 +10,9 @@ from .ir import Apply, Graph, Load, Save
 from .heads import HeadView
 from .layers import tensor_order
 from .norm_offsets import merge_offset
+from .extract_lora import lower_adapter
 from .lora import LoraModel, lower_lora
+from .moe import MoeModel
 from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, WithModel
 from .vocab_lower import lower_save_tensor, save_tensors
 
@@ -19,6 +21,9 @@ def lower(program: Program) -> Graph:
     g = Graph()
     memo: dict[tuple[int, str], int] = {}
     for save in program.saves:
+        if save.adapter is not None:  # extract_lora(): factors and whole tensors, written by runtime/adapter_out.py
+            lower_adapter(g, memo, save, _lower)
+            continue
         tensors = save_tensors(save)  # a save that aligns a vocabulary writes its own shapes
         for name in sorted(tensors, key=tensor_order):
             spec = tensors[name]
@@ -57,6 +62,13 @@ def _lower(g: Graph, memo: dict, model: ModelValue, name: str) -> int:
     elif isinstance(model, StackModel):
         source, source_name = model.sources[name]
         n = _lower(g, memo, source, source_name)
+    elif isinstance(model, MoeModel):  # a router from the gate's cache folder (mgc.gates), or a copied tensor
+        if name in model.routers:
+            spec = model.tensors[name]
+            n = g.add(Load(model.gate.cache_path, model.routers[name], spec.shape, spec.dtype))
+        else:
+            source, source_name = model.sources[name]
+            n = _lower(g, memo, source, source_name)
     else:  # pragma: no cover
         raise TypeError(f"cannot lower {model!r}")
     memo[key] = n

@@ -48,6 +48,10 @@ def program_inputs(program) -> dict[Path, str]:
     for cache, fm in getattr(program, "fishers", {}).items():
         found.setdefault(Path(cache), "the Fisher cache folder")
         found.setdefault(Path(fm.data), "the Fisher data file")
+    for cache, gate in getattr(program, "gates", {}).items():
+        found.setdefault(Path(cache), "the moe() gate cache folder")
+        for f in gate.files:
+            found.setdefault(Path(f), "a moe() prompt file")
     return found
 
 

@@ -102,10 +102,16 @@ class Plan:
         for s in self.program.saves:
             n = sum(1 for x in self.graph.of_kind(Save) if self.graph.payload(x).output == s.path)
             lines.append(f"  {relative_to_cwd(s.path)}  ({n} tensors)")
+            if getattr(s, "adapter", None) is not None:
+                lines.append(f"    {s.adapter.describe()}")
         if self.program.unused:
             lines += ["", "unused (never read): " + ", ".join(self.program.unused)]
         if getattr(self.program, "fishers", None):
             lines += plan_lines(self)
+        if getattr(self.program, "gates", None):
+            from .gate_cache import plan_lines as gate_lines
+
+            lines += gate_lines(self)
         from .hub_plan import hub_lines  # hf:// checkpoints: the commits pinned, the shards a run downloads
 
         lines += hub_lines(self)

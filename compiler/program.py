@@ -22,6 +22,7 @@ class SaveSpec:
     span: Span
     config: dict = field(default_factory=dict)  # config.json of the output, derived from its tensors' sources
     vocab: Optional[object] = None  # compiler/vocab.py's OutputVocab: written tensors, vocabulary alignment, tokenizer
+    adapter: Optional[object] = None  # compiler/extract_lora.py's AdapterLayout where the save writes a LoRA adapter
 
 
 @dataclass
@@ -34,3 +35,13 @@ class Program:
     # fisher(...) values by cache folder: mgc.fisher computes the missing ones before a run
     fishers: dict[Path, FisherModel] = field(default_factory=dict)
     warnings: list[MgcError] = field(default_factory=list)  # reported by check, plan and run; nothing stops
+    # search() domains by the place of their call (compiler/search_space.py), and the values given to some of them
+    domains: dict = field(default_factory=dict)
+    assignment: dict = field(default_factory=dict)
+    # moe() gates (compiler/gate_cache.GateSpec) by cache folder: mgc.gates computes the missing ones before a run
+    gates: dict[Path, object] = field(default_factory=dict)
+
+    @property
+    def free(self) -> dict:
+        """The domains no value was given for: a run needs them bound (`--set`, or `mgc search`)."""
+        return {k: d for k, d in self.domains.items() if k not in self.assignment}

@@ -13,6 +13,7 @@ from mgc.core.paths import relative_to_cwd
 from mgc.core.errors import CheckpointError, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, did_you_mean
 from mgc.grammar import ast
 
+from .extract_lora import AdapterValue, refuse_model_options
 from .inputs import resolve_path
 from .layers import layer_map
 from .program import SaveSpec
@@ -33,7 +34,8 @@ _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECA
 
 
 def check_save(checker: Checker, stmt: ast.Save, earlier: list[SaveSpec]) -> SaveSpec:
-    model = checker.model_of(stmt.value, {}, (), "what `save` writes")
+    value = checker.eval(stmt.value, {}, ())
+    model = value if isinstance(value, AdapterValue) else checker.require_model(value, stmt.value, "what `save` writes")
     path, _ = resolve_path(stmt.path, checker.base_dir, "an output folder", OutputError, stmt.path_span)
     for other in earlier:
         if other.path == path:
@@ -48,6 +50,10 @@ def check_save(checker: Checker, stmt: ast.Save, earlier: list[SaveSpec]) -> Sav
             raise RecipeNameError(f"option '{o.name}' given twice", o.span)
         opts[o.name] = o
     dtype = _save_dtype(opts.get("dtype"))
+    if isinstance(model, AdapterValue):
+        refuse_model_options(opts)
+        dtype = dtype or _common_dtype(checker, model, stmt)
+        return SaveSpec(model, path, dtype, DEFAULT_SHARD, None, stmt.span, adapter=model.layout)
     shard = _save_shard(checker, opts.get("shard"))
     config = model.config()
     # the tokenizer, tokens, pad_to_multiple_of and chat_template options; a tied or untied head (compiler/vocab.py)

@@ -358,4 +358,4 @@ def kind_of(value: Value) -> str:
     return {
         Num: "a number", Str: "a string", Bool: "a boolean", ListV: "a list", TableV: "a selector table",
         LayerRange: "a layer range", Function: "a function",
-    }.get(type(value), "a model")
+    }.get(type(value)) or getattr(value, "described_as", "a model")

@@ -25,6 +25,7 @@ from mgc.core.errors import RecipeTypeError
 
 from .heads import HeadView
 from .ir import Apply, Graph, Rows
+from .moe import MoeModel
 from .values import CheckpointModel, FisherModel, ModelValue, OpModel, StackModel, TensorSpec, WithModel
 from .vocab import sources
 
@@ -127,7 +128,7 @@ class _Lowering:
             return self.aligned(model.value, model.source_name(name))
         if isinstance(model, WithModel):
             return self.aligned(model.source_of(name), name)
-        if isinstance(model, StackModel):
+        if isinstance(model, (StackModel, MoeModel)):  # a vocabulary tensor of a moe() is the base's
             src, source_name = model.sources[name]
             return self.aligned(src, source_name)
         if isinstance(model, OpModel):

@@ -5,7 +5,6 @@ import errno
 import gc
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -64,6 +63,27 @@ class _Main(click.Group):
             _internal_error(e)
 
 
+def _values(ctx, param, pairs) -> dict[str, float]:
+    """`--set NAME=VALUE` pairs: values for a recipe's free parameters (search(...))."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise click.BadParameter(f"{pair!r} is not NAME=NUMBER (e.g. merged.t=0.5)", param_hint="--set")
+        out[name.strip()] = int(number) if value.strip().lstrip("+-").isdigit() else number
+    return out
+
+
+SET_OPTION = click.option(
+    "--set", "values", multiple=True, metavar="NAME=VALUE", callback=_values,
+    help="A value for a free parameter, a search(...) of the recipe (`mgc check` lists their names); repeatable.",
+)
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mgc")
 def main() -> None:
@@ -81,7 +101,8 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints, which can run code: only for trusted files.")
 @click.option("--max-memory", metavar="SIZE", help="Cap on tensor memory, e.g. 8GB; the run is refused if the plan needs more.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet):
+@SET_OPTION
+def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet, values):
     """Merge: run RECIPE and write its saves."""
     from mgc.api import compile_recipe
     from mgc.runtime.execute import execute
@@ -99,12 +120,14 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet)
     # SIGTERM and SIGHUP clean up as Ctrl-C does; either exits with 128 + the signal's number (143, 130)
     with exit_on_signals():
         try:
-            plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output)
+            plan = compile_recipe(recipe, allow_pickle=allow_pickle, output=output, values=values)
             _warn(plan)
             if dry_run:
                 click.echo(plan.summary())
                 return
-            from mgc.api import prepare
+            from mgc.api import prepare, require_bound
+
+            require_bound(plan)
 
             prepare(plan, device=device, progress=not quiet, force=force)
             stats = execute(plan, device=device, force=force, progress=not quiet, max_memory=cap)
@@ -113,6 +136,8 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet)
     if not quiet:
         for s in plan.program.saves:
             click.echo(f"wrote {s.path}")
+        for report in stats.adapters.values():  # extract_lora(): the energy its factors keep
+            click.echo(report.summary())
         click.echo(
             f"{stats.tensors_written} tensors, {format_bytes(stats.bytes_read)} read, "
             f"{format_bytes(stats.bytes_written)} written in {stats.seconds:.2f} s"
@@ -122,17 +147,23 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet)
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints.")
-def check(recipe, allow_pickle):
+@SET_OPTION
+def check(recipe, allow_pickle, values):
     """Check RECIPE without reading tensor data."""
     from mgc.api import compile_recipe
 
     try:
-        plan = compile_recipe(recipe, allow_pickle=allow_pickle)
+        plan = compile_recipe(recipe, allow_pickle=allow_pickle, values=values)
     except MgcError as e:
         _fail(e)
     _warn(plan)
     n = len(plan.program.saves)
     click.echo(f"{recipe}: ok ({n} output{'s' if n != 1 else ''}, {len(plan.program.checkpoints)} checkpoints)")
+    for d in plan.program.free.values():
+        click.echo(f"free parameter {d.name} = {d} at {d.span.line}:{d.span.col} (default {d.default:g})")
+    for s in plan.program.saves:
+        if s.adapter is not None:
+            click.echo(f"{s.path}: {s.adapter.describe()}")
     if plan.program.unused:
         click.echo(f"warning: assigned but never saved: {', '.join(plan.program.unused)}")
 
@@ -141,27 +172,34 @@ def check(recipe, allow_pickle):
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--explain", is_flag=True, help="List the rewrite rules that fired in each pass.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints.")
-def plan(recipe, explain, allow_pickle):
+@SET_OPTION
+def plan(recipe, explain, allow_pickle, values):
     """Print the optimized plan of RECIPE: passes, work, bytes, peak memory."""
     from mgc.api import compile_recipe
 
     try:
-        p = compile_recipe(recipe, allow_pickle=allow_pickle)
+        p = compile_recipe(recipe, allow_pickle=allow_pickle, values=values)
+        lines = []
+        if p.program.free and not values:
+            from mgc.search import sharing_lines
+
+            lines = sharing_lines(recipe, allow_pickle)
     except MgcError as e:
         _fail(e)
     _warn(p)
-    click.echo(p.summary(explain=explain))
+    click.echo("\n".join([p.summary(explain=explain)] + lines))
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--unoptimized", is_flag=True, help="The graph as lowered, before the passes.")
-def graph(recipe, unoptimized):
+@SET_OPTION
+def graph(recipe, unoptimized, values):
     """Print the tensor graph of RECIPE as DOT (render with `dot -Tsvg`)."""
     from mgc.api import compile_recipe
 
     try:
-        p = compile_recipe(recipe, optimize_graph=not unoptimized)
+        p = compile_recipe(recipe, optimize_graph=not unoptimized, values=values)
     except MgcError as e:
         _fail(e)
     click.echo(p.to_dot())
@@ -275,6 +313,63 @@ class _GreedyOption(click.Option):
                     process(state.rargs.pop(0), state)
 
             parser_opt.process = greedy
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "-d", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Text (documents separated by blank lines) or prompt/answer records (.jsonl) to score candidates on.")
+@click.option("--metric", type=click.Choice(["perplexity", "accuracy", "kl"]), default=None,
+              help="What to optimize: perplexity (text), answer accuracy (.jsonl) or KL to --teachers. Default: by the data.")
+@click.option("--teachers", "-t", cls=_GreedyOption, multiple=True, type=click.Path(path_type=Path), metavar="T [T ...]",
+              help="Checkpoints whose next-token distributions --metric kl follows (their mean KL).")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials to run (more with a resumed --study).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
+@click.option("--sampler", type=click.Choice(["tpe", "cmaes", "random"]), default="tpe", show_default=True, help="optuna's sampler.")
+@click.option("--study", default=None, metavar="URL", help="Keep the study in a database and resume it, e.g. sqlite:///study.db.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the data kept out of the search, to score the best values on.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for best.merge, trials.csv, the plots and report.md (default: RECIPE-search).")
+@click.option("--force", is_flag=True, help="Replace earlier results in --out.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--max-memory", metavar="SIZE", help="Cap on the tensors kept across trials, e.g. 8GB (default: half the RAM).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampler and the split of the data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--no-prune", is_flag=True, help="Score every trial on all the search data.")
+@click.option("--allow-pickle", is_flag=True, help="Also read pickle (.bin) checkpoints, which can run code.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the final report.")
+def search(recipe, data, metric, teachers, trials, timeout, sampler, study, holdout, out, force, device, max_memory,
+           seed, batch_size, max_length, no_prune, allow_pickle, quiet):
+    """Choose RECIPE's free parameters (its search(...) values) by scoring candidate merges on --data.
+
+    Each candidate is merged in memory (nothing is written), and what no free parameter changes is computed once.
+    Writes best.merge (the recipe with the best values), trials.csv, objective.png, importances.png and report.md."""
+    from mgc.compiler.check import parse_size
+    from mgc.search import run_search
+    from mgc.search_report import format_table, timing
+
+    cap = None
+    if max_memory is not None:
+        cap = parse_size(max_memory)
+        if cap is None:
+            raise click.BadParameter(f"not a size: {max_memory!r} (e.g. 8GB, 512MiB)", param_hint="--max-memory")
+    try:
+        report = run_search(
+            recipe, data, metric=metric, teachers=teachers, trials=trials, timeout=timeout, sampler=sampler,
+            study=study, holdout=holdout, out=out, device=device, max_memory=cap, seed=seed, batch_size=batch_size,
+            max_length=max_length, prune=not no_prune, allow_pickle=allow_pickle, force=force,
+            log=(lambda line: None) if quiet else click.echo,
+        )
+    except MgcError as e:
+        _fail(e)
+    click.echo(format_table(report))
+    click.echo(timing(report))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    for f in report.files:
+        click.echo(f"wrote {f}")
 
 
 @main.command(name="eval")

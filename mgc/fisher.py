@@ -206,30 +206,35 @@ def cached_fisher(
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_atomically(dest, model_dir, tensors, info)
+    write_atomically(dest, (model_dir / "config.json").read_bytes(), tensors, info)
     return dest
 
 
-def _write_atomically(dest: Path, model_dir: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+def write_atomically(dest: Path, config: bytes, tensors: dict[str, torch.Tensor], info: dict,
+                     info_file: str = INFO_FILE, what: str = "diagonal fisher") -> None:
+    """A cache folder (config.json, model.safetensors, `info_file`), written beside `dest` and renamed into place."""
     from safetensors.torch import save_file
+
+    def complete(path: Path) -> bool:
+        return all((path / n).is_file() for n in ("config.json", WEIGHTS_FILE, info_file))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name[:16]}-", dir=dest.parent))
     try:
-        shutil.copyfile(model_dir / "config.json", tmp / "config.json")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mgc": "diagonal fisher"})
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "config.json").write_bytes(config)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mgc": what})
+        (tmp / info_file).write_text(json.dumps(info, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
-        if dest.exists() and not is_cached(dest):  # a damaged folder left by hand: replace it
+        if dest.exists() and not complete(dest):  # a damaged folder left by hand: replace it
             shutil.rmtree(dest)
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not is_cached(dest):  # not a concurrent writer that got there first
+            if not complete(dest):  # not a concurrent writer that got there first
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:

@@ -27,6 +27,7 @@ from typing import Optional
 
 from mgc.core.errors import MgcError
 from mgc.mergekit_models import Importer
+from mgc.mergekit_moe import is_moe, translate_moe
 from mgc.mergekit_slices import translate
 from mgc.mergekit_yaml import MergekitImportError, Y, load_yaml, mapping, refuse, string
 
@@ -51,6 +52,8 @@ def import_config(config: Path, text: Optional[str] = None, output: Optional[Pat
         raise MergekitImportError(f"{name} holds no YAML document")
     out_dir = (Path(output).parent if output is not None else Path.cwd())
     imp = Importer(config, out_dir, Path(root) if root is not None else Path.cwd())
+    if len(docs) == 1 and is_moe(docs[0]):  # a mergekit-moe configuration
+        return translate_moe(imp, docs[0], config)
     # mergekit-multi: every document but the final one has a name; later documents use it as a model
     named = {}
     final = None

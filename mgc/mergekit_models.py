@@ -12,7 +12,7 @@ from typing import Optional
 from mgc.mergekit_yaml import Y, refuse, string
 from mgc.stdlib import OPERATORS
 
-RESERVED = {"def", "save", "to", "with", "model", "ramp", "stack", "fisher", "lora", "layers", "union", "true",
+RESERVED = {"def", "save", "to", "with", "model", "ramp", "stack", "fisher", "lora", "moe", "layers", "union", "true",
             "false", "_", "merged"} | set(OPERATORS)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -30,6 +30,7 @@ from .stale import clean_stale
 from .target import check_target
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
+from .adapter_out import AdapterWriter
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RunStats:
     tensors_written: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    adapters: dict = field(default_factory=dict)  # output folder -> runtime/adapter_out.py's AdapterReport
 
 
 DEFAULT_PREFETCH = 64 << 20
@@ -94,6 +96,9 @@ def execute(
             tensors = [(p.tensor, p.shape, p.dtype) for p in (graph.payload(n) for n in order)
                        if isinstance(p, Save) and p.output == save.path]
             prov = provenance[save.path] = Provenance(plan, save)
+            if save.adapter is not None:  # extract_lora(): shapes known as they are computed
+                writers[save.path] = AdapterWriter(out, save, prov)
+                continue
             writers[save.path] = out.writer(tensors, save.shard_bytes, *prov.metadata())
         for n in order:
             p = graph.payload(n)
@@ -115,7 +120,8 @@ def execute(
                 args = [values[i] for i in inputs]
                 values[n] = run_rows(p, args, dev)
             elif isinstance(p, Save):
-                t = _cast_for_save(values[inputs[0]], p, graph.payload(inputs[0]))
+                t = values[inputs[0]]  # an adapter's writer casts the factors it unpacks
+                t = t if isinstance(writers[p.output], AdapterWriter) else _cast_for_save(t, p, graph.payload(inputs[0]))
                 writer_thread.submit(_write_job(writers[p.output], p.tensor, t, bar, p.nbytes), p.nbytes)
                 stats.tensors_written += 1
                 stats.bytes_written += p.nbytes
@@ -125,6 +131,9 @@ def execute(
                     values.pop(i, None)
         writer_thread.finish()
         for save in plan.program.saves:
+            if save.adapter is not None:
+                stats.adapters[save.path] = writers.pop(save.path).close()
+                continue
             writers.pop(save.path).close()
             out = staged[save.path]
             out.write_config(save.config, save.dtype)

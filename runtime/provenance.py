@@ -197,8 +197,8 @@ def _shards(folder: Path) -> list[Path]:
             return [folder / f for f in sorted(set(weight_map.values()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{folder}: {INDEX_FILE} cannot be read") from None
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
+    single = [folder / name for name in ("model.safetensors", "adapter_model.safetensors")]  # an adapter: extract_lora()
+    return [f for f in single if f.is_file()][:1]
 
 
 def shard_metadata(file: Path) -> dict:

@@ -38,8 +38,12 @@ for _name in _MODULES:
     _op = import_module(f"{__name__}.{_name}").OPERATOR
     OPERATORS[_op.name] = _op
 
-# Operations the runtime runs but a recipe cannot call by name: lora()'s low-rank update (lowered by the compiler).
-INTERNAL_OPERATORS: dict[str, Operator] = {"lora": import_module(f"{__name__}.lora_update").INTERNAL_OPERATOR}
+# Operations the runtime runs but a recipe cannot call by name: lora()'s low-rank update and extract_lora()'s
+# factors (lowered by the compiler).
+INTERNAL_OPERATORS: dict[str, Operator] = {
+    "lora": import_module(f"{__name__}.lora_update").INTERNAL_OPERATOR,
+    "extract_lora": import_module(f"{__name__}.lora_extract").INTERNAL_OPERATOR,
+}
 # every operation an apply node may name: a live view, so a test's stand-in for an operator is what runs
 RUNNABLE: Mapping[str, Operator] = ChainMap(OPERATORS, INTERNAL_OPERATORS)
 

@@ -323,3 +323,17 @@ def test_karcher_iterations_are_bounded(tmp_path):
     err = error("m = karcher(base, code, max_iter = 9223372036854775807, tol = 1e-300)", tmp_path)
     located(err, 3)
     assert "max_iter" in err.render()
+
+
+@pytest.mark.parametrize("body, col, message", [
+    ("m = extract_lora(code, base = base, rank = 0)", 44, "rank = 0"),
+    ("m = extract_lora(code, base = base, rank = 33)", 44, "rank 33 is more than tensor"),
+    ("m = extract_lora(code, base = base, energy = 1.5)", 46, "energy = 1.5"),
+    ('m = extract_lora(code, base = base, rank = 2, targets = ["nowhere"])', 58, "matches no tensor"),
+    ("m = extract_lora(code, rank = 2)", 5, "needs `base = <model>`"),
+    ("m = linear(extract_lora(code, base = base, rank = 2))", 12, "an adapter"),
+])
+def test_extract_lora_misuse_is_a_located_error(body, col, message, tmp_path):
+    err = error(body, tmp_path)
+    located(err, 3, col)
+    assert message in err.message, err.render()

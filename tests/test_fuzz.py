@@ -97,8 +97,10 @@ class RecipeGen:
 
     # --- values ------------------------------------------------------------------------------
 
-    def number(self, kind: str = "float") -> str:
+    def number(self, kind: str = "float", domains: bool = True) -> str:
         r = self.r
+        if domains and r.random() < 0.04:  # a free parameter, of any shape (compiler/search_space.py)
+            return self.domain(kind)
         if self.odd(0.5):
             return r.choice(HUGE_NUMBERS)
         if self.odd():
@@ -108,6 +110,13 @@ class RecipeGen:
         if kind == "unit":
             return f"{r.random():.3f}"
         return r.choice((f"{r.uniform(-2, 2):.4g}", f"{r.random():.3f}", str(r.randint(-3, 5)), f"{r.uniform(0, 1e-3):.2e}"))
+
+    def domain(self, kind: str) -> str:
+        r = self.r
+        if r.random() < 0.3:
+            return "search([" + ", ".join(self.number(kind, False) for _ in range(r.choice((0, 1, 2, 3)))) + "])"
+        extra = r.choice(("", "", ", log = true", ", default = 0.5", ", name = \"t\"", ", log = 1", ", step = 2"))
+        return f"search({self.number(kind, False)}, {self.number(kind, False)}{extra})"
 
     def gradient(self, kind: str) -> str:
         if self.r.random() < 0.2:
