@@ -34,14 +34,15 @@ class MissingExtraError(MgcError, ImportError):
     """An optional dependency of `mgc eval`, `mgc diagnose` or `fisher()` (the `mgc[eval]` extra) is missing."""
 
 
-def require(module: str, user: str = "this command"):
-    """Import an optional dependency, or fail with a hint to install the `mgc[eval]` extra."""
+def require(module: str, user: str = "this command", extra: str = "eval"):
+    """Import an optional dependency, or fail with a hint to install the `mgc[eval]` extra (or `extra`)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
+        hint = EXTRA_HINT if extra == "eval" else f"pip install 'mgc[{extra}]' (or pip install {top})"
         raise MissingExtraError(
-            f"{user} needs the optional package '{top}', which is not installed ({e})", hint=EXTRA_HINT
+            f"{user} needs the optional package '{top}', which is not installed ({e})", hint=hint
         ) from None
 
 

@@ -124,7 +124,7 @@ def make_study(optuna, metric: str, sampler: str, storage: Optional[str], name: 
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }
     if sampler == "cmaes":
-        require("cmaes", "--sampler cmaes")
+        require("cmaes", "--sampler cmaes", "search")
     from mgc.search_prune import BestSoFarPruner
 
     return optuna.create_study(
@@ -160,7 +160,7 @@ def run_search(
     from mgc.lm import load
     from mgc.search_report import Report, baselines, check_folder, write_results
 
-    optuna = require("optuna", "mgc search")
+    optuna = require("optuna", "mgc search", "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     setup = prepare_search(recipe, allow_pickle, device)

@@ -146,3 +146,22 @@ def test_results_never_go_over_other_files(pool, tmp_path):
         from mgc.search import run_search
 
         run_search(recipe, pool / "code.txt", out=pool / "base", log=lambda s: None)
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "random"])
+def test_every_sampler_runs(pool, tmp_path, sampler):
+    recipe = pool / f"{sampler}.merge"
+    recipe.write_text(
+        'code = model("code")\nmath = model("math")\n'
+        "save linear(code, math, weights = [search(0.1, 1, log = true), search([0.5, 1])]) to \"out\"\n"
+    )
+    rows, _ = _search(recipe, pool / "code.txt", tmp_path / "r", "--trials", 4, "--sampler", sampler, "--seed", 3)
+    assert len(rows) == 4
+    assert all(0.1 <= float(r["save.weights[0]"]) <= 1 and float(r["save.weights[1]"]) in (0.5, 1) for r in rows)
+
+
+def test_the_example_recipe_searches(tmp_path, one_thread):
+    from conftest import EXAMPLES
+
+    rows, output = _search(EXAMPLES / "search.merge", EXAMPLES / "data" / "code.txt", tmp_path / "r", "--trials", 3)
+    assert len(rows) == 3 and "experts_t" in rows[0] and "| recipe defaults |" in output
