@@ -1,7 +1,8 @@
 """What `mgc search` computes once: the part of a recipe's graph that no free parameter changes.
 
-The plan at the domains' defaults and a plan at other values of every domain are compared by node meaning
-(compiler/ir.py `meanings`): a meaning both have does not depend on the free parameters. Of those, the ones a
+The plan at the domains' defaults and, for each domain, a plan with that domain at another value (the others at
+their defaults, so that each plan is one the check has passed) are compared by node meaning (compiler/ir.py
+`meanings`): a meaning that every plan has does not depend on the free parameters. Of those, the ones a
 trial reads are kept across trials: inputs of nodes that depend on the values, and the final tensors that do not.
 Only computed values are kept (merge results, vocabulary alignments), not loaded tensors, which a trial reads
 again (from the page cache) rather than hold every input model in memory.
@@ -38,10 +39,12 @@ def other_values(domains: dict[tuple[int, int], Domain]) -> dict[tuple[int, int]
     return out
 
 
-def invariant(a: Graph, b: Graph) -> Invariant:
-    """What two plans of one recipe at different values of its free parameters share (`a` is the one kept)."""
-    ma, mb = meanings(a), meanings(b)
-    fixed = set(ma.values()) & set(mb.values())
+def invariant(a: Graph, *others: Graph) -> Invariant:
+    """What plans of one recipe at different values of its free parameters share (`a`'s nodes are the ones kept)."""
+    ma = meanings(a)
+    fixed = set(ma.values())
+    for b in others:
+        fixed &= set(meanings(b).values())
     keep: dict[tuple, int] = {}
     saves = a.of_kind(Save)
     for n in a.nodes:

@@ -78,6 +78,9 @@ def prepare_search(recipe, allow_pickle: bool = False, device: str = "auto") -> 
     if len(program.saves) != 1:
         raise RecipeTypeError(f"mgc search evaluates one output, and {recipe} saves {len(program.saves)}",
                               program.saves[1].span, "keep one save in the recipe you search")
+    if getattr(program.saves[0], "adapter", None) is not None:
+        raise RecipeTypeError("mgc search scores a model, and this save writes a LoRA adapter", program.saves[0].span,
+                              "search the merge itself, then extract the adapter from the best recipe")
     check_output_paths(program.saves, program_inputs(program), Path(recipe), Path.cwd())
     setup = Setup(tree, program, dict(program.domains), base_dir, allow_pickle, resolve_device(device))
     setup.inputs = Checker(tree, allow_pickle, base_dir).inputs
@@ -96,10 +99,10 @@ def sharing_lines(recipe, allow_pickle: bool = False) -> list[str]:
 
 
 def invariant_part(setup: Setup) -> tuple[Plan, Invariant]:
-    """The plan at the defaults, and what it shares with a plan at other values of every domain."""
+    """The plan at the defaults, and what it shares with the plans that give each domain another value."""
     at_defaults = setup.plan({})
-    other = setup.plan(other_values(setup.domains))
-    return at_defaults, invariant(at_defaults.graph, other.graph)
+    others = [setup.plan({key: value}).graph for key, value in other_values(setup.domains).items()]
+    return at_defaults, invariant(at_defaults.graph, *others)
 
 
 def tokenizer_of(setup: Setup):
@@ -161,7 +164,7 @@ def run_search(
     from mgc.search_report import Report, baselines, check_folder, write_results
 
     optuna = require("optuna", "mgc search", "search")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # mgc reports failed trials itself, without a traceback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     setup = prepare_search(recipe, allow_pickle, device)
     out = Path(out) if out is not None else Path(f"{Path(recipe).stem}-search")
@@ -185,6 +188,14 @@ def run_search(
     done: list[Trial] = []
 
     def objective(trial) -> float:
+        try:
+            return attempt(trial)
+        except MgcError as err:  # these values cannot be merged (a check across parameters, a NaN): a failed trial
+            done[-1].note = err.message
+            log(f"trial {trial.number} failed: {err.message}")
+            raise
+
+    def attempt(trial) -> float:
         values = {key: suggest(trial, d) for key, d in setup.domains.items()}
         named = {setup.domains[k].name: v for k, v in values.items()}
         record = Trial(trial.number, "RUNNING", named, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -115,8 +116,10 @@ def timing(report: Report) -> str:
     evaluate = sum(t.eval_s for t in done) / len(done)
     first = done[0]
     pruned = sum(t.state == "PRUNED" for t in done)
+    failed = sum(t.state == "FAIL" for t in report.trials)
     return (
-        f"{len(done)} trials ({pruned} stopped early) in {report.seconds:.1f} s; per trial: merge in memory "
+        f"{len(done)} trials ({pruned} stopped early{f', and {failed} failed' if failed else ''}) in "
+        f"{report.seconds:.1f} s; per trial: merge in memory "
         f"{build:.2f} s (first trial {first.build_s:.2f} s, which computed the shared part), evaluate {evaluate:.2f} s. "
         f"{report.shared.tensors_fixed} of {report.shared.tensors} tensors do not depend on the free parameters; "
         f"{report.cached_bytes / 2**20:.1f} MiB kept across trials."
@@ -184,7 +187,9 @@ def _plots(report: Report, out: Path) -> list[Path]:
     drawn = []
     for name, draw in (("objective.png", ovm.plot_optimization_history), ("importances.png", ovm.plot_param_importances)):
         try:
-            ax = draw(report.study)
+            with warnings.catch_warnings():  # optuna's notes on few trials: the report says what was not drawn
+                warnings.simplefilter("ignore")
+                ax = draw(report.study)
         except Exception as e:  # too few trials for importances, one value only: say so, draw nothing
             (out / name).unlink(missing_ok=True)
             report.notes.append(f"{name} not drawn: {e}")

@@ -126,8 +126,17 @@ def _svd(delta: torch.Tensor, params: Params, generator: Optional[torch.Generato
         params.svd == "auto" and params.rank is not None and auto_randomized(rank, params.oversample, k))
     q = columns(rank, params.oversample)
     if not randomized or q >= k:
-        return torch.linalg.svd(delta, full_matrices=False)
+        return full_svd(delta)
     return randomized_svd(delta, q, params.power_iters, generator)
+
+
+def full_svd(a: torch.Tensor):
+    """torch.linalg.svd(a), of the tall one of a and aᵀ: LAPACK's divide and conquer is about twice as fast on a
+    tall matrix as on the same matrix laid wide (measured on the CPU)."""
+    if a.shape[0] >= a.shape[1]:
+        return torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
+    return vh.T, s, u.T
 
 
 def randomized_svd(a: torch.Tensor, q: int, power_iters: int, generator: Optional[torch.Generator]):

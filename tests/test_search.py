@@ -165,3 +165,19 @@ def test_the_example_recipe_searches(tmp_path, one_thread):
 
     rows, output = _search(EXAMPLES / "search.merge", EXAMPLES / "data" / "code.txt", tmp_path / "r", "--trials", 3)
     assert len(rows) == 3 and "experts_t" in rows[0] and "| recipe defaults |" in output
+
+
+def test_values_that_cannot_be_merged_fail_their_trial_not_the_search(pool, tmp_path):
+    """Each domain's ends pass the check, but both weights at 0 cannot be normalized: that trial fails, with the
+    message in trials.csv and no traceback, and the search goes on."""
+    recipe = pool / "zero.merge"
+    recipe.write_text('code = model("code")\nmath = model("math")\n'
+                      "save linear(code, math, weights = [search([1, 0]), search([1, 0])]) to \"out\"\n")
+    result = CliRunner().invoke(main, ["search", str(recipe), "--data", str(pool / "code.txt"), "-o", str(tmp_path / "r"),
+                                       "--trials", 8, "--sampler", "random", "--seed", 1, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "failed: linear(): weights = [0, 0]" in result.output
+    rows = list(csv.DictReader(open(tmp_path / "r" / "trials.csv")))
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert failed and all("weights sum to 0" in r["note"] for r in failed)
+    assert any(r["state"] == "COMPLETE" for r in rows)
