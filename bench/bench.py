@@ -532,6 +532,8 @@ def main() -> int:
     ap.add_argument("--mergekit-venv", type=Path, help="a venv with mergekit 0.1.5 (without it: mgc columns only)")
     ap.add_argument("--models", type=Path, default=Path("/tmp/mgc-bench/models"), help="from make_bench_models.py")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mgc-bench/work"), help="recipes, logs and outputs")
+    ap.add_argument("--prefix", default="l16-", help="the checkpoints' folder prefix: l16- (default), or e.g. 8b-l4- "
+                                                     "for make_bench_models.py --preset 8b --layers 4")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), metavar="CASE",
                     help=f"a subset of {', '.join(CASES)}")
@@ -558,7 +560,7 @@ def main() -> int:
         return 2
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    m16 = model_paths(args.models, "l16-", sorted({r for c in args.cases for r in ROLES[c]}))
+    m16 = model_paths(args.models, args.prefix, sorted({r for c in args.cases for r in ROLES[c]}))
     m32 = model_paths(args.models, "l32-", ROLES["linear"]) if args.deep else {}
     out_bytes = {16: sum(f.stat().st_size for f in shard_files(m16[next(iter(m16))]))}
     if m32:

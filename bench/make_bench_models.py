@@ -21,6 +21,7 @@ matter for a benchmark).
     python bench/make_bench_models.py                          # l16-base, l16-e1 .. l16-e5
     python bench/make_bench_models.py --layers 32 --experts 3  # l32-base, l32-e1 .. l32-e3
     python bench/make_bench_models.py --experts 0 --tuned      # l16-base, l16-tuned (bench/extract_lora.py)
+    python bench/make_bench_models.py --preset 8b --layers 4 --experts 3   # 8b-l4-base, 8b-l4-e1 .. e3 (3.9 GB each)
 
 A checkpoint that already exists with the same generation spec is left alone, so running the
 script again is cheap. Folders are written under a temporary name and renamed when complete.
@@ -44,6 +45,20 @@ HEADS = 16
 KV_HEADS = 8
 HEAD_DIM = HIDDEN // HEADS
 VOCAB = 32000
+# --preset 8b: the shapes of a current 8B model (Llama 3 8B), with as many layers as the disk allows
+PRESETS = {
+    "small": dict(HIDDEN=1024, INTERMEDIATE=2816, HEADS=16, KV_HEADS=8, VOCAB=32000),
+    "8b": dict(HIDDEN=4096, INTERMEDIATE=14336, HEADS=32, KV_HEADS=8, VOCAB=128256),
+}
+PRESET = "small"
+
+
+def use_preset(name: str) -> None:
+    """Set the module's shapes to a preset's (the functions below read them)."""
+    global PRESET, HEAD_DIM
+    globals().update(PRESETS[name])
+    PRESET = name
+    HEAD_DIM = HIDDEN // HEADS
 INIT_STD = 0.02
 BASE_SEED = 20240
 SPEC_VERSION = 1  # bump when the way weights are drawn changes
@@ -175,7 +190,7 @@ def tuned_weights(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def spec(layers: int, role: str) -> dict:
     rel = None if role == "base" else TUNED_REL if role == "tuned" else expert_rel(int(role[1:]))
     return {"version": SPEC_VERSION, "layers": layers, "role": role, "seed": BASE_SEED, "rel": rel,
-            "bytes": model_bytes(layers)}
+            "bytes": model_bytes(layers), **({"preset": PRESET} if PRESET != "small" else {})}
 
 
 def is_complete(folder: Path, want: dict) -> bool:
@@ -243,10 +258,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/mgc-bench/models"), help="folder for the checkpoints")
     ap.add_argument("--layers", type=int, default=16, help="num_hidden_layers (default 16)")
     ap.add_argument("--experts", type=int, default=5, help="number of experts (default 5)")
-    ap.add_argument("--name", default=None, help="folder name prefix (default 'l<layers>-')")
+    ap.add_argument("--name", default=None, help="folder name prefix (default 'l<layers>-', '8b-l<layers>-')")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                    help="shapes: small (hidden 1024, the default) or 8b (hidden 4096, intermediate 14336, 32 heads, "
+                         "8 KV heads, vocabulary 128,256)")
     ap.add_argument("--tuned", action="store_true", help="also a fine-tune of the base for LoRA extraction ('<prefix>tuned')")
     args = ap.parse_args()
-    name = f"l{args.layers}-" if args.name is None else args.name
+    use_preset(args.preset)
+    name = (f"l{args.layers}-" if args.preset == "small" else f"{args.preset}-l{args.layers}-") if args.name is None else args.name
     torch.set_num_threads(max(1, torch.get_num_threads()))
     paths = make_models(args.out, args.layers, args.experts, name, args.tuned)
     size = model_bytes(args.layers)

@@ -1,9 +1,18 @@
-"""mgc, the merge-graph compiler: merge fine-tuned LLMs from a small recipe language."""
-from mgc.gcpause import gc_paused
+"""mgc, the merge-graph compiler: merge fine-tuned LLMs from a small recipe language.
 
-with gc_paused():  # importing torch and the operator schemas builds many objects
-    from mgc.core.errors import MgcError
-    from mgc.api import compile_recipe, run
+`compile_recipe` and `run` are imported on first use (PEP 562), so that commands that do not merge
+(`mgc fmt`, `mgc ops`, `mgc --version`) do not pay for torch."""
+from mgc.core.errors import MgcError
 
 __all__ = ["MgcError", "compile_recipe", "run"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("compile_recipe", "run"):
+        from mgc.gcpause import gc_paused
+
+        with gc_paused():  # importing torch and the operator schemas builds many objects
+            from mgc import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'mgc' has no attribute {name!r}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Optional, Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field, create_model
 
 from . import task_vectors as tv

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 
 from . import task_vectors as tv
 from .consensus_ta import consensus_params, merge_consensus, with_tall_lambda

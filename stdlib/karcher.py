@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field
 
 from . import slices as sl

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field, model_validator
 
 from . import slices as sl

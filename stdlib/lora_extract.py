@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional, Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field, field_validator, model_validator
 
 from .operator import MergeContext, Operator, OpParams

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field
 
 from .operator import MergeContext, Operator, OpParams

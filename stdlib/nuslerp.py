@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field, FiniteFloat
 
 from .operator import MergeContext, Operator, OpParams

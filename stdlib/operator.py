@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import BaseModel, ConfigDict
 
 from .slices import GRAM_BUFFER, SLICE
@@ -56,7 +56,7 @@ class MergeContext:
 
 
 # merge(tensors, params, ctx) -> the result
-MergeFn = Callable[[Sequence[torch.Tensor], BaseModel, MergeContext], torch.Tensor]
+MergeFn = Callable[[Sequence["torch.Tensor"], BaseModel, MergeContext], "torch.Tensor"]
 # (params, number of models, whether model-valued parameters such as Fisher weights are given) ->
 # (index of the model input the result is, bit for bit; the rule's name for `mgc plan --explain`) or None
 IdentityFn = Callable[[BaseModel, int, bool], Optional[Tuple[int, str]]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field, FiniteFloat
 
 from .operator import MergeContext, Operator, OpParams

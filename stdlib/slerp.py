@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field
 
 from . import slices as sl

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 
 SLICE = 1 << 20  # entries: a float32 slice is 4 MiB, few enough slices that Python's share is small
 ACCELERATOR_SLICE = 1 << 22  # on a GPU, fewer and larger kernels: launch overhead dominates small ones

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+from mgc.core.lazy_torch import torch
 
 from . import slices as sl
 

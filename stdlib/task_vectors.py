@@ -34,7 +34,7 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 from pydantic import Field, FiniteFloat, ValidationInfo, create_model, field_validator
 
 from . import sparsify as sp

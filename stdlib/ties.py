@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from mgc.core.lazy_torch import torch
 
 from . import slices as sl
 from . import sparsify as sp

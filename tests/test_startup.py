@@ -1,0 +1,28 @@
+"""Start-up: the commands that only read a recipe or the operator table never import torch (about a second of
+start-up). Each is run in a fresh interpreter, which then says whether torch was imported."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _imports_torch(args: list[str]) -> bool:
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom mgc.cli import main\n"
+        f"r = CliRunner().invoke(main, {args!r})\nassert r.exit_code == 0, r.output\nprint('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("args", [
+    ["--version"], ["ops"], ["ops", "karcher"], ["ops", "--markdown"], ["fmt", "--check", "examples/quickstart.merge"],
+])
+def test_commands_that_do_not_merge_do_not_import_torch(args):
+    assert not _imports_torch(args)
+
