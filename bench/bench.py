@@ -452,6 +452,16 @@ class Row:
     ratio: Optional[float] = None  # mgc / mergekit wall
     agree: Optional[str] = None
     startup: Optional[float] = None  # mgc --dry-run wall s
+    failed: Optional[str] = None  # why the tool's run did not finish (e.g. killed for memory)
+
+
+def _oom_note() -> str:
+    """", killed for memory" when the kernel log's last line says the OOM killer ended a process."""
+    try:
+        tail = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[-3:]
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return ", killed by the kernel for memory (OOM)" if any("Out of memory: Killed process" in line for line in tail) else ""
 
 
 def model_paths(models: Path, prefix: str, roles) -> dict[str, Path]:
@@ -468,6 +478,9 @@ def fmt_table(rows: list[Row]) -> str:
     for r in rows:
         if r.tool == "I/O floor":
             lines.append(f"| {r.case} | I/O floor | {r.floor:.2f} | | {r.input_bytes / 1e6 / r.floor:,.0f} | 1.00 | | |")
+            continue
+        if r.failed:
+            lines.append(f"| {r.case} | {r.tool} | failed: {r.failed} | | | | | |")
             continue
         ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
         lines.append(
@@ -599,21 +612,27 @@ def main() -> int:
         mk_row = None
         if venv is not None:
             label = "mergekit" + (" (2 runs)" if case == "two-stage" else "")
-            mk_row = Row(case, label, best([run_mergekit(venv, case, m16, mk_out, work, args.device,
-                                                         args.mergekit_dtype) for _ in range(args.repeat)]),
-                         floor, nbytes)
-            rows.append(mk_row)
-            mgc_row.ratio = mgc_row.run.wall / mk_row.run.wall
             try:
-                rel, same = agreement(mgc_out, mk_out)
-                mgc_row.agree = f"max rel {rel:.1e}, {same:.0%} identical"
-            except Exception as e:  # report and go on
-                mgc_row.agree = f"error: {e}"
+                mk_row = Row(case, label, best([run_mergekit(venv, case, m16, mk_out, work, args.device,
+                                                             args.mergekit_dtype) for _ in range(args.repeat)]),
+                             floor, nbytes)
+            except RuntimeError as e:  # a run that fails (the OOM killer: exit status 247 or -9) is a result too
+                status = str(e).split(":")[0]
+                mk_row = Row(case, label, floor=floor, input_bytes=nbytes, failed=f"{status}{_oom_note()}")
+            rows.append(mk_row)
+            if mk_row.run is not None:
+                mgc_row.ratio = mgc_row.run.wall / mk_row.run.wall
+                try:
+                    rel, same = agreement(mgc_out, mk_out)
+                    mgc_row.agree = f"max rel {rel:.1e}, {same:.0%} identical"
+                except Exception as e:  # report and go on
+                    mgc_row.agree = f"error: {e}"
         summary.append((case, mgc_row, mk_row))
         rm(mgc_out)
         rm(mk_out)
         print(f"{case}: floor {floor:.2f} s, mgc {mgc_row.run.wall:.2f} s"
-              + (f", mergekit {mk_row.run.wall:.2f} s" if mk_row else ""), file=sys.stderr, flush=True)
+              + (f", mergekit {mk_row.run.wall:.2f} s" if mk_row and mk_row.run else
+                 f", mergekit failed ({mk_row.failed})" if mk_row else ""), file=sys.stderr, flush=True)
 
     print("| case | recipe |\n|---|---|")
     for case in args.cases:

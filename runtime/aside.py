@@ -16,10 +16,13 @@ import hashlib
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 from typing import Optional
 
 OWNER, STAGING, OLD = "owner", "tmp", "old"
+HEARTBEAT = 60.0  # seconds between touches of a running run's owner file
+SILENT_AFTER = 600.0  # a run on another host whose owner file is older than this is taken for dead
 ASIDE = re.compile(r"\.(?P<stem>.+)\.mgc-(?P<kind>owner|tmp|old)-(?P<pid>\d+)", re.DOTALL)
 
 
@@ -72,3 +75,26 @@ def unlink_quietly(path: Optional[Path]) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+class Heartbeat:
+    """Touches owner files every HEARTBEAT seconds while a run writes, so that a run on another host sharing the
+    folder can tell a live run from one whose machine went away (runtime/stale.py)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mgc-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT):
+            for p in self.paths:
+                try:
+                    os.utime(p)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()

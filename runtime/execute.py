@@ -20,14 +20,11 @@ from mgc.compiler.ir import Apply, Graph, Load, Rows, Save, saved_dtype_results
 from mgc.compiler.plan import format_bytes
 from .apply import all_finite, run_apply
 from .rows import run_rows
-from .tokenizer_out import write_tokenizer
 
 from .allocator import keep_freed_memory
 from mgc.core.devices import resolve_device
-from .provenance import CARD_FILE, Provenance
-from .staging import StagedOutput
-from .stale import clean_stale
-from .target import check_target
+from .distributed import SINGLE, World
+from .outputs import Outputs
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
 from .adapter_out import AdapterWriter
@@ -50,6 +47,7 @@ WRITE_QUEUE_BYTES = 64 << 20
 
 def execute(
     plan, device: str = "auto", force: bool = False, progress: bool = True, max_memory: Optional[int] = None,
+    world: World = SINGLE,
 ) -> RunStats:
     """Execute `plan` (a mgc.compiler.plan.Plan) and write each of its saves.
 
@@ -57,14 +55,14 @@ def execute(
     schedule itself holds (the plan's peak estimate; at most 4 × DEFAULT_PREFETCH), or DEFAULT_PREFETCH
     when no cap is given; finished tensors are written on another thread while the next ones compute,
     with at most WRITE_QUEUE_BYTES waiting.
+
+    An output that an interrupted run of the same plan left is continued: only the tensors not yet on disk are
+    computed (runtime/journal.py). Under torchrun (`world`), each rank computes its share (runtime/outputs.py).
     """
     start = time.perf_counter()
     keep_freed_memory()
-    dev = resolve_device(device)
+    dev = world.device(resolve_device(device))
     graph: Graph = plan.graph
-    for save in plan.program.saves:
-        clean_stale(save.path)  # first: it may put back an output that an interrupted --force had moved aside
-        check_target(save.path, force, save.span)
     prefetch = DEFAULT_PREFETCH
     if max_memory is not None:
         need = plan.peak_memory()
@@ -76,30 +74,21 @@ def execute(
         prefetch = max(0, min(max_memory - need, 4 * DEFAULT_PREFETCH))
     queue_bytes = min(WRITE_QUEUE_BYTES, prefetch) if max_memory is not None else WRITE_QUEUE_BYTES
     checkpoints = plan.program.checkpoints
-    order = plan.schedule.order
-    uses = Counter(i for n in graph.nodes for i in graph.inputs(n))
-    result_dtypes = saved_dtype_results(graph)
+    result_dtypes = saved_dtype_results(graph)  # of the whole graph, whatever part of it this run computes
+    outputs = Outputs(plan, plan.schedule.order, world, dev.type)
     values: dict[int, torch.Tensor] = {}
     stats = RunStats()
-    staged: dict = {}
-    writers: dict = {}
-    provenance: dict = {}
-    bar = _progress(plan, progress)
-    loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
-             if isinstance(graph.payload(n), Load)]
-    reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
-    writer_thread = WriterThread(max_bytes=queue_bytes)
+    reader = writer_thread = bar = None
     try:
-        for save in plan.program.saves:
-            out = staged[save.path] = StagedOutput(save.path, save.span)
-            out.open()
-            tensors = [(p.tensor, p.shape, p.dtype) for p in (graph.payload(n) for n in order)
-                       if isinstance(p, Save) and p.output == save.path]
-            prov = provenance[save.path] = Provenance(plan, save)
-            if save.adapter is not None:  # extract_lora(): shapes known as they are computed
-                writers[save.path] = AdapterWriter(out, save, prov)
-                continue
-            writers[save.path] = out.writer(tensors, save.shard_bytes, *prov.metadata())
+        outputs.open(force)
+        order = _needed(graph, plan.schedule.order, outputs.mine())
+        uses = Counter(i for n in order for i in graph.inputs(n))
+        writers = outputs.writers
+        bar = _progress(graph, order, progress and world.rank == 0)
+        loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
+                 if isinstance(graph.payload(n), Load)]
+        reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
+        writer_thread = WriterThread(max_bytes=queue_bytes)
         for n in order:
             p = graph.payload(n)
             inputs = graph.inputs(n)
@@ -130,39 +119,44 @@ def execute(
                 if uses[i] == 0:
                     values.pop(i, None)
         writer_thread.finish()
-        for save in plan.program.saves:
-            if save.adapter is not None:
-                stats.adapters[save.path] = writers.pop(save.path).close()
-                continue
-            writers.pop(save.path).close()
-            out = staged[save.path]
-            out.write_config(save.config, save.dtype)
-            extra = [save.model.config_source.checkpoint.path / f for f in ("generation_config.json",)]
-            out.copy_files([f for f in extra if f.is_file()])
-            write_tokenizer(out, save)  # copied; tokens added, a chat template set where the save asks
-            out.write_text(CARD_FILE, provenance[save.path].card())  # the model card, last: never over a copied file
-        for save in plan.program.saves:
-            staged[save.path].commit()
-            del staged[save.path]  # after: an interruption in between leaves it to abort(), harmless after commit
-    except BaseException:
-        reader.close()
+        outputs.finish(stats)
+    except BaseException as e:
+        if reader is not None:
+            reader.close()
         try:
-            writer_thread.finish()
+            if writer_thread is not None:
+                writer_thread.finish()
         except BaseException:
             pass
-        for w in writers.values():
-            w.abort()
-        for out in reversed(list(staged.values())):
-            out.abort()
+        outputs.abort(e)
         raise
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
         if bar is not None:
             bar.close()
         for ckpt in checkpoints.values():
             ckpt.close()
+    if world.size > 1:  # the totals of every rank; also the last barrier, so that no rank ends before the commit
+        parts = world.gather((stats.tensors_read, stats.bytes_read, stats.ops_run, stats.tensors_written,
+                              stats.bytes_written))
+        (stats.tensors_read, stats.bytes_read, stats.ops_run, stats.tensors_written,
+         stats.bytes_written) = (sum(x) for x in zip(*parts))
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _needed(graph: Graph, order, saves: set[int]) -> list[int]:
+    """The schedule's nodes that the given saves need, in its order (all of them where every save is given)."""
+    if len(saves) == len(graph.of_kind(Save)):
+        return list(order)
+    live, todo = set(saves), list(saves)
+    while todo:
+        for i in graph.inputs(todo.pop()):
+            if i not in live:
+                live.add(i)
+                todo.append(i)
+    return [n for n in order if n in live]
 
 
 def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
@@ -201,12 +195,12 @@ def _write_job(writer: ShardedWriter, name: str, t: torch.Tensor, bar, nbytes: i
     return job
 
 
-def _progress(plan, enabled: bool) -> Optional[object]:
+def _progress(graph: Graph, order, enabled: bool) -> Optional[object]:
     if not enabled:
         return None
     from tqdm import tqdm
 
-    saves = [p for p in (plan.graph.payload(n) for n in plan.graph.nodes) if isinstance(p, Save)]
+    saves = [p for p in (graph.payload(n) for n in order) if isinstance(p, Save)]
     bar = tqdm(total=sum(p.nbytes for p in saves), unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
                dynamic_ncols=True)
     bar.tensors = len(saves)

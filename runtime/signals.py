@@ -60,11 +60,17 @@ def exit_on_signals() -> Iterator[None]:
         with terminate_on_signals():
             yield
     except Terminated as e:
-        _stopped(e.name, e.signum)
-    except KeyboardInterrupt:
-        _stopped("Ctrl-C", signal.SIGINT)
+        _stopped(e.name, e.signum, getattr(e, "kept", None))
+    except KeyboardInterrupt as e:
+        _stopped("Ctrl-C", signal.SIGINT, getattr(e, "kept", None))
 
 
-def _stopped(what: str, signum: int) -> None:
-    print(f"mgc: stopped by {what}; outputs not yet complete were removed", file=sys.stderr, flush=True)
+def _stopped(what: str, signum: int, kept=None) -> None:
+    """`kept`: the staging folders runtime/outputs.py kept for resuming, where it kept any."""
+    if kept:
+        folders = ", ".join(f"'{f}'" for f in kept)
+        print(f"mgc: stopped by {what}; the tensors written so far are kept in {folders}: run the same command "
+              "again to resume", file=sys.stderr, flush=True)
+    else:
+        print(f"mgc: stopped by {what}; outputs not yet complete were removed", file=sys.stderr, flush=True)
     raise SystemExit(128 + int(signum))

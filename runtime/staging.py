@@ -16,6 +16,7 @@ from mgc.core.errors import OutputError, Span
 
 from .aside import OLD, OWNER, STAGING, aside, identity, unlink_quietly
 from .exchange import exchange
+from .journal import JOURNAL_DIR, fault_hook
 from .stale import note, quoted
 from .target import output_error
 from .writer import ShardedWriter
@@ -29,9 +30,12 @@ class StagedOutput:
         self.target = target
         self.span = span
         self.created: list[Path] = []  # parent folders this output made, innermost first
+        self.resumed = False  # open() continued an interrupted run's folder
         self.owner, self.folder, self.old = (aside(target, kind, os.getpid()) for kind in (OWNER, STAGING, OLD))
 
-    def open(self) -> "StagedOutput":
+    def open(self, adopt: Optional[tuple[Path, Path]] = None) -> "StagedOutput":
+        """Make the staging folder; or, given `adopt` (a dead run's staging folder and owner file that
+        clean_stale kept for resuming), take that folder over: its shards and journal stay, the rest goes."""
         try:
             p = self.target.parent
             while not p.exists():
@@ -42,7 +46,10 @@ class StagedOutput:
                 shutil.rmtree(self.folder)
             record = {**identity(os.getpid()), "target": self.target.name, "made": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.owner.write_text(json.dumps(record) + "\n")
-            self.folder.mkdir()
+            if adopt is not None:
+                self.resumed = _take_over(adopt, self.folder)
+            if not self.resumed:
+                self.folder.mkdir()
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError):
@@ -53,8 +60,8 @@ class StagedOutput:
     def error(self, e: OSError) -> OutputError:
         return output_error(self.target, e, self.span)
 
-    def writer(self, tensors, shard_bytes: int, metadata=None, first_only=None) -> "StagedWriter":
-        return StagedWriter(self, tensors, shard_bytes, metadata, first_only)
+    def writer(self, tensors, shard_bytes: int, metadata=None, first_only=None, mode: str = "create") -> "StagedWriter":
+        return StagedWriter(self, tensors, shard_bytes, metadata, first_only, mode)
 
     def write_text(self, name: str, text: str) -> None:
         """A file of the output (the model card), unless one of that name was copied there already."""
@@ -89,6 +96,10 @@ class StagedOutput:
         the old output or the new one; elsewhere the old is renamed aside first, and put back if the second
         rename fails (or, after a crash between the two, by the next run's clean_stale)."""
         try:
+            fault_hook("commit")
+            if os.path.lexists(self.folder / JOURNAL_DIR):  # not part of the output
+                shutil.rmtree(self.folder / JOURNAL_DIR)
+            fault_hook("move")
             replaced = self._move_in()
         except BaseException as e:
             if os.path.lexists(self.old):  # interrupted between the two renames, or just after them
@@ -135,14 +146,36 @@ class StagedOutput:
                 break
 
 
+def _take_over(adopt: tuple[Path, Path], folder: Path) -> bool:
+    """Rename a dead run's staging folder to ours and drop its owner file; keep only its shards and journal
+    (a config or card it was writing may be torn; they are written again). False if it is gone (another run
+    took it first)."""
+    try:
+        os.rename(adopt[0], folder)
+    except FileNotFoundError:
+        return False
+    unlink_quietly(adopt[1])
+    for name in os.listdir(folder):
+        path = folder / name
+        if name == JOURNAL_DIR or (name.endswith(".safetensors") and path.is_file() and not path.is_symlink()):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return True
+
+
 class StagedWriter(ShardedWriter):
     """A ShardedWriter into a StagedOutput, whose OS errors are OutputErrors naming the output folder."""
 
-    def __init__(self, output: StagedOutput, tensors, shard_bytes: int, metadata=None, first_only=None):
+    def __init__(self, output: StagedOutput, tensors, shard_bytes: int, metadata=None, first_only=None,
+                 mode: str = "create"):
         self.output = output
         self.files = {}
+        self.journal = None
         try:
-            super().__init__(output.folder, tensors, shard_bytes, metadata, first_only)
+            super().__init__(output.folder, tensors, shard_bytes, metadata, first_only, mode)
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError):
@@ -155,8 +188,8 @@ class StagedWriter(ShardedWriter):
         except OSError as e:
             raise self.output.error(e) from None
 
-    def close(self) -> None:
+    def close(self, index: bool = True) -> None:
         try:
-            super().close()
+            super().close(index)
         except OSError as e:
             raise self.output.error(e) from None

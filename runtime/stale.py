@@ -11,10 +11,11 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
-from .aside import ASIDE, OLD, OWNER, STAGING, host, identity, start_time, unlink_quietly
+from .aside import ASIDE, OLD, OWNER, SILENT_AFTER, STAGING, host, identity, start_time, unlink_quietly
 
 
 def note(text: str) -> None:
@@ -29,16 +30,23 @@ def quoted(paths) -> str:
 _reported: set[tuple[str, str]] = set()  # (folder, entry) already noted as left alone: say it once per process
 
 
-def clean_stale(target: Path, note: Callable[[str], None] = note) -> None:
+def clean_stale(target: Path, note: Callable[[str], None] = note, resume: Optional[Callable[[Path, Path], bool]] = None,
+                spare: Collection[Path] = ()) -> dict[Path, tuple[Path, Path]]:
     """Remove what runs that are no longer alive on this host left beside `target` (any output in its parent
     folder): staging folders, and old outputs moved aside, which are put back where their target is missing.
     Leftovers of live runs, of other hosts, or without an owner file are left alone, with a note saying how to
-    remove them. Never raises: what cannot be cleaned is noted."""
+    remove them. Never raises: what cannot be cleaned is noted.
+
+    `resume(target, staging folder)` says whether a dead run's staging folder of a target in this folder is to be
+    continued (runtime/resume.py); those it accepts (one per target) are left in place and returned, {target:
+    (staging folder, owner file)}. The staging folders in `spare` (kept by an earlier call) are left alone. A run
+    on another host counts as dead for this once its owner file has had no heartbeat for SILENT_AFTER seconds."""
     parent = target.parent
+    kept: dict[Path, tuple[Path, Path]] = {}
     try:
         names = os.listdir(parent)
     except OSError:
-        return
+        return kept
     groups: dict[tuple[str, int], dict[str, Path]] = {}
     for name in names:
         m = ASIDE.fullmatch(name)
@@ -47,9 +55,15 @@ def clean_stale(target: Path, note: Callable[[str], None] = note) -> None:
     for (stem, pid), entries in sorted(groups.items()):
         owner = _read_owner(entries.get(OWNER))
         state = _state(owner, pid) if owner is not None else None
-        if state == "ours":
+        if state == "ours" or entries.get(STAGING) in spare:
             continue
         folders = [entries[k] for k in (STAGING, OLD) if k in entries]
+        if state == "dead" or (state == "foreign" and _silent(entries[OWNER])):
+            staging, name = entries.get(STAGING), owner.get("target")
+            if (resume is not None and staging is not None and OLD not in entries and _plain(name)
+                    and parent / name not in kept and resume(parent / name, staging)):
+                kept[parent / name] = (staging, entries[OWNER])
+                continue
         if state == "dead":
             _clean_dead(parent, stem, pid, owner, entries, note)
             continue
@@ -68,6 +82,7 @@ def clean_stale(target: Path, note: Callable[[str], None] = note) -> None:
         else:
             why = f"there is no record of the mgc run that made {it}; if no mgc run is writing {it}, remove {it}"
         note(f"left {_names(folders)} in '{parent}' alone: {why} with: rm -rf {quoted(entries.values())}")
+    return kept
 
 
 def _clean_dead(parent: Path, stem: str, pid: int, owner: dict, entries: dict[str, Path], note) -> None:
@@ -75,7 +90,7 @@ def _clean_dead(parent: Path, stem: str, pid: int, owner: dict, entries: dict[st
     try:
         old, staging = entries.get(OLD), entries.get(STAGING)
         name = owner.get("target")
-        target = parent / (name if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name else stem)
+        target = parent / (name if _plain(name) else stem)
         keep_owner = False
         if old is not None and not os.path.lexists(target):
             os.rename(old, target)
@@ -99,6 +114,19 @@ def _clean_dead(parent: Path, stem: str, pid: int, owner: dict, entries: dict[st
         return
     if done:
         note(f"{'; '.join(done)}: left by mgc process {pid}, which is no longer running")
+
+
+def _silent(owner: Path) -> bool:
+    """Whether a run's owner file has not been touched (aside.Heartbeat) for SILENT_AFTER seconds."""
+    try:
+        return time.time() - os.stat(owner).st_mtime > SILENT_AFTER
+    except OSError:
+        return False
+
+
+def _plain(name) -> bool:
+    """Whether an owner record's target is a plain name in its folder."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
 
 
 def _names(paths) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -17,6 +18,8 @@ import torch
 
 from mgc.core.checkpoint import INDEX_FILE
 from mgc.core.safetensors_header import DTYPE_CODES
+
+from .journal import Entry, Journal
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,14 @@ def plan_shards(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]], sha
 
 class ShardedWriter:
     def __init__(self, folder: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int,
-                 metadata: Optional[dict[str, str]] = None, first_only: Optional[dict[str, str]] = None):
+                 metadata: Optional[dict[str, str]] = None, first_only: Optional[dict[str, str]] = None,
+                 mode: str = "create"):
         """`metadata` goes into every shard's `__metadata__`; `first_only` into the first shard's only, and every
-        other shard names that shard under `mgc.recipe_in` (runtime/provenance.py). Values must be strings."""
+        other shard names that shard under `mgc.recipe_in` (runtime/provenance.py). Values must be strings.
+
+        `mode`: "create" writes every shard's header and sets its size; "resume" does the same over the files an
+        interrupted run left (their tensor bytes stay); "attach" writes neither, for a rank that writes its tensors
+        into shards rank 0 made (runtime/distributed.py). A rank's files are opened as it first writes to them."""
         self.folder = folder
         for key, value in {**(metadata or {}), **(first_only or {})}.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -61,6 +69,7 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self.sharded = count > 1
+        self.journal: Optional[Journal] = None  # set where the run may be resumed
         names = [f"model-{k:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
                  for k in range(1, count + 1)]
         for k, shard in enumerate(shards, 1):
@@ -81,11 +90,12 @@ class ShardedWriter:
             for name, shape, dtype in shard:
                 begin, end = header[name]["data_offsets"]
                 self.slots[name] = Slot(fname, data_start + begin, data_start + end)
-            f = open(folder / fname, "wb")
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            f.truncate(data_start + offset)
-            self.files[fname] = f
+            if mode != "attach":
+                path = folder / fname
+                f = self.files[fname] = open(path, "r+b" if mode == "resume" and path.is_file() else "wb")
+                f.write(len(raw).to_bytes(8, "little"))
+                f.write(raw)
+                f.truncate(data_start + offset)
             self.total_size += offset
         self.pending = set(self.slots)
 
@@ -96,22 +106,35 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != slot.end - slot.begin:
             raise ValueError(f"tensor '{name}' has {data.nbytes} bytes, expected {slot.end - slot.begin}")
-        f = self.files[slot.file]
+        f = self.files.get(slot.file)
+        if f is None:
+            f = self.files[slot.file] = open(self.folder / slot.file, "r+b")
         f.seek(slot.begin)
         f.write(memoryview(data))
+        if self.journal is not None:
+            self.journal.wrote(Entry(name, slot.file, slot.begin, data.nbytes, zlib.crc32(memoryview(data))), f)
         self.pending.discard(name)
 
-    def close(self) -> None:
+    def close(self, index: bool = True) -> None:
+        """Close the journal and the files, check that every tensor expected was written and (`index`) write the
+        index of a sharded output."""
+        if self.journal is not None:
+            self.journal.close()
         for f in self.files.values():
             f.close()
         self.files = {}
         if self.pending:
             raise RuntimeError(f"{len(self.pending)} tensors were never written, e.g. '{next(iter(self.pending))}'")
-        if self.sharded:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if self.sharded and index:
+            doc = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
     def abort(self) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.close()
+            except OSError:
+                pass  # an fsync that failed: its tensors are simply not journaled
         for f in self.files.values():
             f.close()
         self.files = {}
