@@ -310,4 +310,7 @@ def fmt(files, check):
 from mgc import cli_models  # noqa: E402,F401  (registers search, eval and diagnose on `main`)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m mgc.cli`: this module runs as __main__, and cli_models registered its commands on mgc.cli's `main`
+    from mgc.cli import main as registered
+
+    registered()

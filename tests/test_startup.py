@@ -26,3 +26,11 @@ def _imports_torch(args: list[str]) -> bool:
 def test_commands_that_do_not_merge_do_not_import_torch(args):
     assert not _imports_torch(args)
 
+
+
+@pytest.mark.parametrize("module", ["mgc", "mgc.cli"])
+def test_every_command_runs_as_a_module(module):
+    """`python -m mgc` (torchrun's form) and `python -m mgc.cli` list the commands registered in mgc/cli_models.py."""
+    out = subprocess.run([sys.executable, "-m", module, "search", "--help"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0 and "--data" in out.stdout, out.stderr
