@@ -676,7 +676,7 @@ def main() -> int:
               "twice). This part grows with model size, so its ratio is what larger merges tend to:\n")
         print("| case | mgc net s | mergekit net s | mgc/mergekit |\n|---|---:|---:|---:|")
         for case, g, k in summary:
-            if k is None:
+            if k is None or k.run is None:
                 continue
             gn = g.run.wall - fixed["mgc"]
             kn = k.run.wall - fixed["mergekit"] * (2 if case == "two-stage" else 1)
@@ -686,6 +686,10 @@ def main() -> int:
         print("\nTargets:\n")
         for case, g, k in summary:
             if k is None:
+                continue
+            if k.run is None:
+                print(f"- {case}: mergekit did not finish ({k.failed}); mgc did, with a peak RSS of "
+                      f"{g.run.maxrss_kib / 1024:,.0f} MiB")
                 continue
             checks = [f"wall {g.run.wall / k.run.wall:.2f}× mergekit (target ≤ 0.5)",
                       f"peak RSS {g.run.maxrss_kib / k.run.maxrss_kib:.2f}× mergekit (target ≤ 0.5)"]
