@@ -223,6 +223,9 @@ def _targets(checker: Checker, k: Optional[ast.Kwarg], base: ModelValue, env, st
             raise RecipeTypeError(f"target '{item.value}' matches no 2-D weight (e.g. '{matched[0]}')", item.span,
                                   "factors are made for 2-D *.weight tensors; the others are saved whole")
         found.update(dict.fromkeys(weights))
+    if not found:
+        raise RecipeTypeError("extract_lora()'s targets name no tensor: an adapter needs at least one", k.value.span,
+                              'name them: targets = ["q_proj", "v_proj"], or leave targets out for every projection')
     return list(found)
 
 

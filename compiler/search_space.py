@@ -66,6 +66,10 @@ def _num(v: Number) -> str:
 def search(checker: Checker, e: ast.Call, env, stack) -> Num:
     """A domain: registered with the checker; its value here is the one the check is run with."""
     domain = checker.domains.get(place(e.span)) or _domain(checker, e, env, stack)
+    for other in checker.domains.values():
+        if other.name == domain.name and other.key != domain.key:
+            raise RecipeNameError(f"two free parameters are named '{domain.name}'", e.span,
+                                  f"the other is at {other.span}; give each its own name")
     checker.domains[domain.key] = domain
     value = checker.assignment.get(domain.key, domain.default)
     return Num(value, e.span)

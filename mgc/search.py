@@ -87,6 +87,14 @@ def prepare_search(recipe, allow_pickle: bool = False, device: str = "auto") -> 
     return setup
 
 
+def prepare_inputs(setup: Setup, progress: bool = False) -> None:
+    """What a run prepares (mgc.api.prepare): hub shards downloaded, fisher() and moe() gates computed into their
+    caches, which are registered with the checkpoints every trial's plan shares (one `Inputs` for all)."""
+    from mgc.api import prepare
+
+    prepare(setup.plan({}), device=str(setup.device), progress=progress)
+
+
 def sharing_lines(recipe, allow_pickle: bool = False) -> list[str]:
     """`mgc plan`'s lines on what a search of `recipe` computes once."""
     from mgc.compiler.search_plan import plan_lines
@@ -95,14 +103,35 @@ def sharing_lines(recipe, allow_pickle: bool = False) -> list[str]:
     setup = Setup(tree, None, {}, recipe_folder(recipe), allow_pickle, None)
     setup.inputs = Checker(tree, allow_pickle, setup.base_dir).inputs
     setup.domains = setup.plan({}).program.free
-    return plan_lines(invariant_part(setup)[1], len(setup.domains))
+    try:
+        return plan_lines(invariant_part(setup)[1], len(setup.domains))
+    except RecipeTypeError as e:  # mgc plan still prints the plan; mgc search refuses with this error
+        return ["", f"search: {e.message} ({e.span}): mgc search would refuse this recipe"]
 
 
 def invariant_part(setup: Setup) -> tuple[Plan, Invariant]:
     """The plan at the defaults, and what it shares with the plans that give each domain another value."""
     at_defaults = setup.plan({})
-    others = [setup.plan({key: value}).graph for key, value in other_values(setup.domains).items()]
+    saved = save_meanings(at_defaults.graph)
+    others = []
+    for key, value in other_values(setup.domains).items():
+        other = setup.plan({key: value})
+        if save_meanings(other.graph) == saved:
+            d = setup.domains[key]
+            raise RecipeTypeError(
+                f"the free parameter {d.name} changes no tensor of the output", d.span,
+                "mgc search scores the merged tensors; a value that changes only the config (experts_per_token, "
+                "pad_to_multiple_of) or nothing at all cannot be chosen by them: write a number here",
+            )
+        others.append(other.graph)
     return at_defaults, invariant(at_defaults.graph, *others)
+
+
+def save_meanings(graph) -> frozenset:
+    from mgc.compiler.ir import Save, meanings
+
+    m = meanings(graph)
+    return frozenset(m[n] for n in graph.of_kind(Save))
 
 
 def tokenizer_of(setup: Setup):
@@ -120,7 +149,10 @@ def tokenizer_of(setup: Setup):
     return transformers.AutoTokenizer.from_pretrained(str(source.checkpoint.path)), Path(source.checkpoint.path)
 
 
-def make_study(optuna, metric: str, sampler: str, storage: Optional[str], name: str, seed: int, prune: bool):
+def make_study(optuna, metric: str, sampler: str, storage: Optional[str], name: str, seed: int, prune: bool,
+               fingerprint: str = ""):
+    """The optuna study. One kept in `storage` and resumed must be of the same search (`fingerprint`: the recipe,
+    its domains, the data and the metric), or its trials would stand for values of another recipe."""
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
@@ -130,10 +162,34 @@ def make_study(optuna, metric: str, sampler: str, storage: Optional[str], name: 
         require("cmaes", "--sampler cmaes", "search")
     from mgc.search_prune import BestSoFarPruner
 
-    return optuna.create_study(
-        study_name=name, storage=storage, load_if_exists=storage is not None, direction=METRICS[metric],
-        sampler=samplers[sampler](), pruner=BestSoFarPruner() if prune else optuna.pruners.NopPruner(),
-    )
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, load_if_exists=storage is not None, direction=METRICS[metric],
+            sampler=samplers[sampler](), pruner=BestSoFarPruner() if prune else optuna.pruners.NopPruner(),
+        )
+    except Exception as e:  # a URL SQLAlchemy cannot parse, a database it cannot open, another direction
+        raise RecipeTypeError(f"--study {storage}: {str(e).splitlines()[0]}", None,
+                              "give a database URL optuna can open, e.g. sqlite:///study.db") from None
+    known = study.user_attrs.get("mgc.fingerprint")
+    if known is None:
+        study.set_user_attr("mgc.fingerprint", fingerprint)
+    elif known != fingerprint:
+        raise RecipeTypeError(
+            f"--study {storage}: the study '{name}' there was made by another search (another recipe, domains, data "
+            "or metric); its trials do not stand for this one's values", None,
+            "give this search a database of its own, or delete the old study",
+        )
+    return study
+
+
+def fingerprint(setup: Setup, data, metric: str, holdout: float, seed: int) -> str:
+    """What a study's trials depend on: the recipe's text, the data file's contents, the metric and the split."""
+    import hashlib
+
+    h = hashlib.sha256(setup.tree.source.text.encode())
+    h.update(Path(data).read_bytes())
+    h.update(f"{metric}|{holdout!r}|{seed}".encode())
+    return h.hexdigest()
 
 
 def default_budget() -> int:
@@ -168,7 +224,7 @@ def run_search(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     setup = prepare_search(recipe, allow_pickle, device)
     out = Path(out) if out is not None else Path(f"{Path(recipe).stem}-search")
-    check_folder(out, force, list(program_inputs(setup.program)) + [Path(recipe)])
+    check_folder(out, force, list(program_inputs(setup.program)) + [Path(recipe), Path(data)] + [Path(t) for t in teachers])
     tokenizer, tokenizer_path = tokenizer_of(setup)
     config = setup.program.saves[0].config
     split = split_data(data, tokenizer, limit_for(config, max_length), holdout, seed)
@@ -180,6 +236,7 @@ def run_search(
     teacher_models = [load(t, setup.device, allow_pickle=allow_pickle)[0] for t in teachers]
     scorer = Scorer(metric, tokenizer, batch_size, teacher_models)
     start = time.perf_counter()
+    prepare_inputs(setup)
     _, shared = invariant_part(setup)
     cache = TensorCache(shared.keep, max_memory if max_memory is not None else default_budget())
     model = MemoryModel(config, setup.device)
@@ -219,7 +276,8 @@ def run_search(
             + f" -> {metric} {record.score:.4g} (merge {record.build_s:.2f} s, eval {record.eval_s:.2f} s)")
         return record.score
 
-    opt_study = make_study(optuna, metric, sampler, study, Path(recipe).stem, seed, prune)
+    opt_study = make_study(optuna, metric, sampler, study, Path(recipe).stem, seed, prune,
+                           fingerprint(setup, data, metric, holdout, seed))
     try:
         opt_study.optimize(objective, n_trials=trials, timeout=timeout, catch=(MgcError,))
     except KeyboardInterrupt:

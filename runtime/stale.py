@@ -11,7 +11,7 @@ import os
 import shlex
 import shutil
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Callable, Collection, Optional
 
@@ -117,9 +117,17 @@ def _clean_dead(parent: Path, stem: str, pid: int, owner: dict, entries: dict[st
 
 
 def _silent(owner: Path) -> bool:
-    """Whether a run's owner file has not been touched (aside.Heartbeat) for SILENT_AFTER seconds."""
+    """Whether a run's owner file has not been touched (aside.Heartbeat) for SILENT_AFTER seconds, by the clock of
+    the file system that holds it (a file made beside it now), not this host's, which may be set otherwise."""
     try:
-        return time.time() - os.stat(owner).st_mtime > SILENT_AFTER
+        touched = os.stat(owner).st_mtime
+        fd, probe = tempfile.mkstemp(prefix=".mgc-clock-", dir=owner.parent)
+        try:
+            now = os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        return now - touched > SILENT_AFTER
     except OSError:
         return False
 

@@ -16,8 +16,9 @@ equals it bit for bit (peft needs every tensor of a module it saves whole, so th
 
 ``svd``: "full" is torch.linalg.svd; "randomized" is torch.svd_lowrank (Halko, Martinsson & Tropp 2011,
 arXiv:0909.4061) with rank + ``oversample`` columns (by default twice the rank) and ``power_iters`` power
-iterations, its random draws seeded from ``ctx.generator`` (seeded from the tensor's name, so two runs write the
-same bytes); "auto" takes the randomized one where ``auto_randomized`` says it is as accurate as the full one.
+iterations, its random draws seeded from ``ctx.generator`` (seeded from the tensor's name, so two runs on the same
+number of threads write the same bytes); "auto" takes the randomized one where ``auto_randomized`` says it is
+as accurate as the full one.
 Measured on deltas with a slowly decaying spectrum (bench/extract_lora.py, docs/performance.md), 2r columns and
 4 power iterations keep at least 99.99 % of the energy the full SVD keeps at rank r, 3 to 25 times faster while
 2r is at most a quarter of the smaller side; beyond that the full SVD is as fast.

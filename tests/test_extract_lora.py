@@ -297,6 +297,7 @@ def test_plan_and_stats_report_the_adapter(zoo):
     ("energy = 1.5", "less than or equal to 1"),
     ("rank = 2, targets = [\"nothing_here\"]", "matches no tensor"),
     ("rank = 2, targets = [\"embed\"]", "an embedding or head"),
+    ("rank = 2, targets = []", "targets name no tensor"),
     ("rank = 2, svd = \"exact\"", "svd"),
     ("rank = 2, whole = 1", "true or false"),
     ("rank = 2, rnak = 3", "unknown parameter"),

@@ -181,3 +181,53 @@ def test_values_that_cannot_be_merged_fail_their_trial_not_the_search(pool, tmp_
     failed = [r for r in rows if r["state"] == "FAIL"]
     assert failed and all("weights sum to 0" in r["note"] for r in failed)
     assert any(r["state"] == "COMPLETE" for r in rows)
+
+
+def test_search_prepares_fisher_caches_and_moe_gates_as_a_run_does(pool, tmp_path):
+    """fisher() and moe() values are computed before a run (mgc.api.prepare); a search prepares them too."""
+    recipe = pool / "fisher_search.merge"
+    recipe.write_text(
+        'code = model("code")\nmath = model("math")\nfc = fisher(code, data = "code.txt", samples = 4)\n'
+        'fm = fisher(math, data = "code.txt", samples = 4)\n'
+        "save fisher_merge(code, math, fisher = [fc, fm], weights = [1, search(0.5, 2)]) to \"out\"\n"
+    )
+    rows, _ = _search(recipe, pool / "code.txt", tmp_path / "r", "--trials", 2)
+    assert len(rows) == 2 and rows[0]["state"] == "COMPLETE" and rows[1]["state"] in ("COMPLETE", "PRUNED")
+
+
+def test_a_free_parameter_that_changes_no_tensor_is_refused(pool, tmp_path):
+    recipe = pool / "config_only.merge"
+    recipe.write_text(
+        'base = model("base")\ncode = model("code")\nmath = model("math")\n'
+        "save moe(base, experts = [code, math], gate = random(seed = 0), experts_per_token = search([1, 2])) to \"o\"\n"
+    )
+    result = CliRunner().invoke(main, ["search", str(recipe), "--data", str(pool / "code.txt"), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "changes no tensor of the output" in result.output, result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_study_of_another_search_is_not_mixed_in(pool, tmp_path):
+    recipe = pool / "fp.merge"
+    recipe.write_text('base = model("base")\ncode = model("code")\nsave slerp(base, code, t = search(0, 1)) to "out"\n')
+    study = f"sqlite:///{tmp_path / 'study.db'}"
+    _search(recipe, pool / "code.txt", tmp_path / "r", "--trials", 1, "--study", study)
+    recipe.write_text('base = model("base")\ncode = model("code")\nsave slerp(base, code, t = search(0, 0.1)) to "out"\n')
+    result = CliRunner().invoke(main, ["search", str(recipe), "--data", str(pool / "code.txt"), "-o", str(tmp_path / "r2"),
+                                       "--study", study])
+    assert result.exit_code == 1 and "made by another search" in result.output, result.output
+    bad = CliRunner().invoke(main, ["search", str(recipe), "--data", str(pool / "code.txt"), "-o", str(tmp_path / "r3"),
+                                    "--study", "notaurl"])
+    assert bad.exit_code == 1 and "--study notaurl" in bad.output and "internal error" not in bad.output
+
+
+def test_results_never_go_over_the_data(pool, tmp_path):
+    recipe = pool / "slerp4.merge"
+    recipe.write_text('base = model("base")\ncode = model("code")\nsave slerp(base, code, t = search(0, 1)) to "out"\n')
+    folder = tmp_path / "d"
+    folder.mkdir()
+    data = folder / "report.md"
+    data.write_text((pool / "code.txt").read_text())
+    before = data.read_bytes()
+    result = CliRunner().invoke(main, ["search", str(recipe), "--data", str(data), "-o", str(folder), "--force"])
+    assert result.exit_code == 1 and "overlaps the input" in result.output
+    assert data.read_bytes() == before

@@ -138,3 +138,8 @@ def test_check_lists_free_parameters_and_plan_says_what_a_search_computes_once(t
     assert plan.exit_code == 0, plan.output
     assert "0 of 75 saved tensors do not depend" in plan.output and "kept            75 computed tensors" in plan.output
     assert compile_recipe(recipe, values={"save.t": 1.0}).program.free == {}
+
+
+def test_two_free_parameters_cannot_share_a_name():
+    err = _error('save linear(code, math, weights = [search(0.1, 1, name = "a"), search(0.2, 0.9, name = "a")]) to "o"')
+    assert "two free parameters are named 'a'" in err.message and "the other is at r.merge:4:" in err.hint
