@@ -126,9 +126,12 @@ def materialise_gates(plan, device: str = "auto") -> dict:
             except OSError as e:
                 raise MergeRuntimeError(f"moe(): {e.strerror or e} ({e.filename or path.parent})", spec.span) from None
         cache = Checkpoint.open(path, span=spec.span)
-        for layer in range(spec.num_layers):
-            info = cache.tensors.get(spec.gate_name(layer))
-            if info is None or tuple(info.shape) != (spec.experts, spec.hidden):
+        expected = {spec.gate_name(layer): (spec.experts, spec.hidden) for layer in range(spec.num_layers)}
+        if spec.shared:
+            expected.update({spec.shared_name(layer): (1, spec.hidden) for layer in range(spec.num_layers)})
+        for name, shape in expected.items():
+            info = cache.tensors.get(name)
+            if info is None or tuple(info.shape) != shape:
                 raise CheckpointError(f"{path}: the cached gates do not match this moe()", spec.span,
                                       f"delete {path} to compute them again")
         plan.program.checkpoints[path] = cache

@@ -11,7 +11,7 @@ import torch
 import mgc.gates
 from mgc.api import compile_recipe, prepare, run
 from mgc.compiler import gate_cache
-from mgc.core.errors import MgcError
+from mgc.core.errors import CheckpointError, MgcError
 
 from tiny_lms import WORDS, make_tokenizer, tensors, transformers
 
@@ -242,6 +242,20 @@ def test_gates_are_cached_and_a_changed_prompt_file_recomputes(zoo, tmp_path, mo
     files[1].write_text("w12 w13\n")
     monkeypatch.undo()
     assert set(prepare(compile_recipe(path), device="cpu").values()) == {"computed"}
+
+
+def test_a_cached_gate_folder_missing_the_shared_gates_is_refused(zoo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = recipe(tmp_path, zoo, "qwen2", moe_recipe("random()", extra=", shared_expert = base"))
+    plan = compile_recipe(path)
+    prepare(plan, device="cpu")
+    cache = next(iter(plan.program.gates))
+    weights = next(cache.glob("*.safetensors"))
+    kept = {k: v for k, v in load_file(weights).items() if "shared_gate" not in k}
+    save_file(kept, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="the cached gates do not match"):
+        prepare(compile_recipe(path), device="cpu")
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
