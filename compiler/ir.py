@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import networkx as nx
 import torch
@@ -182,6 +182,20 @@ class Graph(nx.DiGraph):
 
     def inputs(self, n: int) -> tuple[int, ...]:
         return self.nodes[n]["inputs"]
+
+    def needed(self, roots: Iterable[int], through: Optional[Callable[[int], bool]] = None) -> set[int]:
+        """The roots and every node they read, directly or not; a node for which `through` says False is kept but
+        what it reads is not looked at (a value held already needs no inputs)."""
+        live: set[int] = set()
+        todo = list(roots)
+        while todo:
+            n = todo.pop()
+            if n in live:
+                continue
+            live.add(n)
+            if through is None or through(n):
+                todo.extend(self.nodes[n]["inputs"])
+        return live
 
     def of_kind(self, kind: type) -> list[int]:
         return [n for n, d in self.nodes(data=True) if isinstance(d["node"], kind)]

@@ -150,12 +150,7 @@ def _needed(graph: Graph, order, saves: set[int]) -> list[int]:
     """The schedule's nodes that the given saves need, in its order (all of them where every save is given)."""
     if len(saves) == len(graph.of_kind(Save)):
         return list(order)
-    live, todo = set(saves), list(saves)
-    while todo:
-        for i in graph.inputs(todo.pop()):
-            if i not in live:
-                live.add(i)
-                todo.append(i)
+    live = graph.needed(saves)
     return [n for n in order if n in live]
 
 

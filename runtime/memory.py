@@ -57,7 +57,8 @@ def run_in_memory(plan, cache: Optional[TensorCache] = None, device: str = "auto
     dev = resolve_device(device)
     saves = graph.of_kind(Save)
     mean = meanings(graph)
-    need = _needed(graph, saves, mean, cache)
+    # what the saves read, not looking past a value the cache holds
+    need = graph.needed(saves, lambda n: isinstance(graph.payload(n), Save) or cache.get(mean[n]) is None)
     uses = Counter(i for n in need for i in graph.inputs(n))
     values: dict[int, torch.Tensor] = {}
     computed: Counter = Counter()
@@ -91,17 +92,3 @@ def run_in_memory(plan, cache: Optional[TensorCache] = None, device: str = "auto
             if uses[i] == 0:
                 values.pop(i, None)
     return MemoryRun(out, computed, reused)
-
-
-def _needed(graph: Graph, saves: list[int], mean: dict[int, tuple], cache: TensorCache) -> set[int]:
-    """The saves and what they read, stopping at values the cache holds."""
-    need: set[int] = set()
-    todo = list(saves)
-    while todo:
-        n = todo.pop()
-        if n in need:
-            continue
-        need.add(n)
-        if isinstance(graph.payload(n), Save) or cache.get(mean[n]) is None:
-            todo.extend(graph.inputs(n))
-    return need
