@@ -59,6 +59,12 @@ def _real(path: Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
+def overlaps(a: Path, b: Path) -> bool:
+    """Whether folder `a` is, contains or lies inside `b`, as real paths (symlinks followed)."""
+    a, b = _real(a), _real(b)
+    return _inside(a, b) or _inside(b, a)
+
+
 def _inside(a: Path, b: Path) -> bool:
     """a is b or lies under it."""
     return a == b or b in a.parents

@@ -87,12 +87,6 @@ def prepare_search(recipe, allow_pickle: bool = False, device: str = "auto") -> 
     return setup
 
 
-def prepare_inputs(setup: Setup, progress: bool = False) -> None:
-    """What a run prepares (mgc.api.prepare): hub shards downloaded, fisher() and moe() gates computed into their
-    caches, which are registered with the checkpoints every trial's plan shares (one `Inputs` for all)."""
-    from mgc.api import prepare
-
-    prepare(setup.plan({}), device=str(setup.device), progress=progress)
 
 
 def sharing_lines(recipe, allow_pickle: bool = False) -> list[str]:
@@ -216,6 +210,7 @@ def run_search(
     log=print,
 ):
     """Search, write the results into `out`, and return mgc.search_report.Report."""
+    from mgc.api import prepare
     from mgc.lm import load
     from mgc.search_report import Report, baselines, check_folder, write_results
 
@@ -236,8 +231,10 @@ def run_search(
     teacher_models = [load(t, setup.device, allow_pickle=allow_pickle)[0] for t in teachers]
     scorer = Scorer(metric, tokenizer, batch_size, teacher_models)
     start = time.perf_counter()
-    prepare_inputs(setup)
-    _, shared = invariant_part(setup)
+    at_defaults, shared = invariant_part(setup)
+    # as a run prepares: hub shards downloaded, fisher() and moe() gates computed into their caches, which are
+    # registered with the checkpoints every trial's plan shares (one `Inputs` for all)
+    prepare(at_defaults, device=str(setup.device))
     cache = TensorCache(shared.keep, max_memory if max_memory is not None else default_budget())
     model = MemoryModel(config, setup.device)
     log(f"searching {len(setup.domains)} free parameters ({', '.join(d.name for d in setup.domains.values())}) "

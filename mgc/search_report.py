@@ -128,12 +128,10 @@ def timing(report: Report) -> str:
 
 def check_folder(out: Path, force: bool, inputs) -> None:
     """The results folder: new, empty, or (with force) one holding only earlier results; never an input's."""
-    import os
+    from mgc.compiler.outputs import overlaps
 
-    real = Path(os.path.realpath(out))
     for path in inputs:
-        p = Path(os.path.realpath(path))
-        if real == p or p in real.parents or real in p.parents:
+        if overlaps(out, path):
             raise OutputError(f"results folder '{out}' overlaps the input '{path}'", None, "choose another --out folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"results folder '{out}' exists and is not a folder")
