@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from mgc.core.errors import MgcError, MgcErrors, RecipeNameError, RecipeTypeError, Span, did_you_mean
 from mgc.grammar import ast
+from mgc.grammar.edits import SpanText
 
 from .values import Bool, ListV, Num, Str, kind_of
 
@@ -252,16 +253,8 @@ def bind_values(domains: dict[tuple[int, int], Domain], values) -> dict[tuple[in
 def bound_text(text: str, domains: dict[tuple[int, int], Domain], assignment) -> str:
     """The recipe's text with each search(...) call given a value in `assignment` ({domain key: value}) replaced
     by that number, written so that it reads back as the same float."""
-    starts = [0]
-    for line in text.split("\n"):
-        starts.append(starts[-1] + len(line) + 1)
-    edits = []
-    for key, value in assignment.items():
-        span = domains[key].span
-        edits.append((starts[span.line - 1] + span.col - 1, starts[span.end_line - 1] + span.end_col - 1, value))
-    for begin, end, value in sorted(edits, reverse=True):
-        text = text[:begin] + _literal(value) + text[end:]
-    return text
+    source = SpanText(text)
+    return source.replaced((*source.offsets(domains[key].span), _literal(value)) for key, value in assignment.items())
 
 
 def _literal(v: Number) -> str:

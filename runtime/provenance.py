@@ -251,6 +251,7 @@ def absolute_paths(text: str, name: str, folder: str) -> str:
 
     from mgc.core.hub import PREFIX
     from mgc.grammar import ast, parse
+    from mgc.grammar.edits import SpanText
 
     tree = parse(text, name)
     spans: list = []  # (span, path text)
@@ -275,20 +276,14 @@ def absolute_paths(text: str, name: str, folder: str) -> str:
                 visit(getattr(node, f.name))
 
     visit(tree.statements)
-    lines = text.split("\n")
-    starts = [0]
-    for line in lines:
-        starts.append(starts[-1] + len(line) + 1)
+    source = SpanText(text)
     edits = []
     for s in spans:
         value = s.value
         if value.startswith(PREFIX) or os.path.isabs(value):
             continue
-        begin = starts[s.span.line - 1] + s.span.col - 1
-        end = starts[s.span.end_line - 1] + s.span.end_col - 1
+        begin, end = source.offsets(s.span)
         if text[begin] != '"' or text[end - 1] != '"':
             continue  # not a string literal's span: left as it is
         edits.append((begin, end, json.dumps(os.path.join(folder, os.path.expanduser(value)), ensure_ascii=False)))
-    for begin, end, new in sorted(set(edits), reverse=True):
-        text = text[:begin] + new + text[end:]
-    return text
+    return source.replaced(edits)
