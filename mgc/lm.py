@@ -193,7 +193,11 @@ def _first_line(e: Exception) -> str:
 
 def context_length(model, max_length: int) -> int:
     """`max_length`, capped at the model's `max_position_embeddings` when the config has one."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return capped_length(getattr(getattr(model, "config", None), "max_position_embeddings", None), max_length)
+
+
+def capped_length(limit, max_length: int) -> int:
+    """`max_length`, capped at `limit` (a config's `max_position_embeddings`) where that is a positive int."""
     return min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
 
 

@@ -20,7 +20,7 @@ import torch
 
 from mgc.core.errors import CheckpointError
 from mgc.evaluate import TokenStats, encode, kl_sum, pad_id, token_stats
-from mgc.lm import DataError, Item, read_data, require
+from mgc.lm import DataError, Item, capped_length, read_data, require
 
 METRICS = {"perplexity": "minimize", "accuracy": "maximize", "kl": "minimize"}
 STEPS = 4
@@ -125,5 +125,4 @@ def _tied(model, key: str) -> bool:
 
 def limit_for(config: dict, max_length: int) -> int:
     """`max_length`, capped at the output's context length, as mgc eval caps it (mgc.lm.context_length)."""
-    limit = config.get("max_position_embeddings")
-    return min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
+    return capped_length(config.get("max_position_embeddings"), max_length)
