@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-
+from mgc.core.dtypes import float32
 from mgc.core.errors import CheckpointError, MgcError, RecipeNameError, RecipeTypeError, Span
 from mgc.grammar import ast
 
@@ -125,7 +124,7 @@ def fisher(checker: Checker, e: ast.Call, env, stack) -> FisherModel:
             "pip install 'mgc[eval]' (or pip install transformers)",
         )
     tensors = {
-        n: TensorSpec(s.shape, torch.float32 if s.dtype.is_floating_point else s.dtype) for n, s in model.tensors.items()
+        n: TensorSpec(s.shape, float32 if s.dtype.is_floating_point else s.dtype) for n, s in model.tensors.items()
     }
     value = FisherModel(model, path, samples, max_length, key, cache, e.span, tensors, model.layers)
     checker.fishers.setdefault(cache, value)

@@ -15,6 +15,7 @@ from mgc.core.checkpoint import TOKENIZER_FILES
 from mgc.core.safetensors_header import read_header
 from mgc.core.documents import decode_text, split_documents
 from mgc.core.errors import CheckpointError, MgcError
+from mgc.core.paths import cache_root
 
 from .ir import Load
 
@@ -63,11 +64,6 @@ def inspect_data(path: PathLike) -> DataInfo:
 
 
 # --- cache key -----------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """``$MGC_CACHE``, or ``~/.cache/mgc``."""
-    return Path(os.environ.get("MGC_CACHE") or "~/.cache/mgc").expanduser().resolve()
 
 
 def cache_path(key: str) -> Path:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 import networkx as nx
-import torch
 
+from mgc.core.dtypes import DType, as_dtype
 from mgc.core.errors import Span
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _itemsize(dtype: DType) -> int:
+    return dtype.itemsize
 
 
 def label_field(*default: Any) -> Any:
@@ -44,7 +44,11 @@ class Stored:
     """A tensor as a file holds it (a load's input, a save's output): its size is its shape and dtype's."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
+
+    def __post_init__(self) -> None:  # a torch dtype given (tests build payloads with them) becomes its DType
+        if type(self.dtype) is not DType:
+            object.__setattr__(self, "dtype", as_dtype(self.dtype))
 
     @property
     def nbytes(self) -> int:
@@ -56,7 +60,7 @@ class Load(Node, Stored):
     checkpoint: Path
     tensor: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     def label(self) -> str:
         return f"load {self.checkpoint.name}:{self.tensor}"
@@ -108,7 +112,7 @@ class Save(Node, Stored):
     output: Path
     tensor: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     def label(self) -> str:
         return f"save {self.output.name}:{self.tensor}"
@@ -230,7 +234,7 @@ class Graph(nx.DiGraph):
         return out
 
 
-def saved_dtype_results(graph: Graph) -> dict[int, torch.dtype]:
+def saved_dtype_results(graph: Graph) -> dict[int, DType]:
     """The apply nodes whose every user is a save of one dtype: the runtime has them produce that dtype
     directly (where the operator can), instead of a float32 result cast at the save."""
     out = {}

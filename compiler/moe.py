@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-import torch
-
+from mgc.core.dtypes import float32
 from mgc.core.errors import CheckpointError, MgcWarning, RecipeTypeError, Span
 from mgc.grammar import ast
 
@@ -183,9 +182,9 @@ def _tensors(arch: MoeArch, base: ModelValue, experts: list, shared, gate: GateS
             if shared is not None:
                 sources[arch.shared(layer, proj)] = (shared, dense_mlp(layer, proj))
         routers[arch.router(layer)] = gate.gate_name(layer)
-        tensors[arch.router(layer)] = TensorSpec((len(experts), hidden), torch.float32)
+        tensors[arch.router(layer)] = TensorSpec((len(experts), hidden), float32)
         if shared is not None:
             routers[arch.shared_router(layer)] = gate.shared_name(layer)
-            tensors[arch.shared_router(layer)] = TensorSpec((1, hidden), torch.float32)
+            tensors[arch.shared_router(layer)] = TensorSpec((1, hidden), float32)
     tensors.update({name: model.tensors[src] for name, (model, src) in sources.items()})
     return sources, tensors, routers

@@ -5,16 +5,16 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-
 from mgc.stdlib import RUNNABLE
 
+from mgc.core.dtypes import DType, float32
 from mgc.core.paths import relative_to_cwd
 from mgc.grammar import ast
 from .check import Program
 from .fisher_cache import plan_lines
 from .ir import Apply, Graph, Load, Rows, Save, _itemsize, saved_dtype_results
 from .passes import PassReport, Schedule
+from .streaming import read_by_streams_only, streamed_applies
 
 
 def _transient(p: Apply, op, k: int) -> int:
@@ -42,33 +42,37 @@ class Plan:
     def checkpoints_read(self) -> list:
         return sorted({self.graph.payload(n).checkpoint for n in self.graph.of_kind(Load)})
 
-    def peak_memory(self) -> int:
-        """Estimated peak bytes of tensor data held while running the schedule, as the runtime works.
+    def peak_memory(self, device_type: str = "cpu") -> int:
+        """Estimated peak bytes of tensor data held while running the schedule, as the runtime works on a device
+        of this type.
 
         Loaded tensors count at their stored size. A merge's result counts at float32, or at the saved
         dtype where its only users are saves and the operator writes that dtype directly. While a merge
         runs, its transient memory is added: see ``_transient``. A save adds a cast copy when its
-        input is not already in the saved dtype.
+        input is not already in the saved dtype. A streamed merge (compiler/streaming.py) holds only its
+        transient memory, the slices in flight, and its inputs are not read whole.
         """
         g = self.graph
+        streamed = streamed_applies(g, self.schedule.order, self.program, device_type)
+        unread = read_by_streams_only(g, self.schedule.order, streamed)
         uses = Counter(i for n in g.nodes for i in g.inputs(n))
         direct = saved_dtype_results(g)
         held: dict[int, int] = {}
-        dtypes: dict[int, torch.dtype] = {}
+        dtypes: dict[int, DType] = {}
         live = peak = 0
         for n in self.schedule.order:
             p = g.payload(n)
             inputs = g.inputs(n)
             transient = 0
             if isinstance(p, Load):
-                held[n], dtypes[n] = p.nbytes, p.dtype
+                held[n], dtypes[n] = (0 if n in unread else p.nbytes), p.dtype
             elif isinstance(p, Apply):
                 op = RUNNABLE[p.op]
                 dtypes[n] = op.result_dtype(direct.get(n))
-                held[n] = math.prod(p.shape) * _itemsize(dtypes[n])
+                held[n] = 0 if n in streamed else math.prod(p.shape) * _itemsize(dtypes[n])
                 transient = _transient(p, op, len(inputs))
             elif isinstance(p, Rows):  # in its inputs' dtype, at most float32
-                held[n], dtypes[n] = p.nbytes, torch.float32
+                held[n], dtypes[n] = p.nbytes, float32
             elif dtypes.get(inputs[0]) != p.dtype:
                 transient = p.nbytes
             live += held.get(n, 0)

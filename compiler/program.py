@@ -5,8 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from mgc.core.dtypes import DType
 from mgc.core.errors import MgcError, Span
 
 from .values import CheckpointModel, FisherModel, ModelValue
@@ -16,7 +15,7 @@ from .values import CheckpointModel, FisherModel, ModelValue
 class SaveSpec:
     model: ModelValue
     path: Path
-    dtype: torch.dtype  # of every floating tensor; non-floating ones keep their own
+    dtype: DType  # of every floating tensor; non-floating ones keep their own
     shard_bytes: int
     tokenizer: Optional[CheckpointModel]
     span: Span

@@ -6,9 +6,7 @@ import re
 from decimal import Decimal
 from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from mgc.core.dtypes import dtype_name
+from mgc.core.dtypes import DType, bfloat16, dtype_name, float16, float32, float64
 from mgc.core.paths import relative_to_cwd
 from mgc.core.errors import CheckpointError, MgcWarning, OutputError, RecipeNameError, RecipeTypeError, did_you_mean
 from mgc.grammar import ast
@@ -24,8 +22,8 @@ if TYPE_CHECKING:
     from .interpreter import Checker
 
 SAVE_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "f16": torch.float16,
-    "float16": torch.float16, "fp32": torch.float32, "f32": torch.float32, "float32": torch.float32,
+    "bf16": bfloat16, "bfloat16": bfloat16, "fp16": float16, "f16": float16,
+    "float16": float16, "fp32": float32, "f32": float32, "float32": float32,
 }
 SAVE_OPTIONS = ("dtype", "shard", "tokenizer", "tokens", "pad_to_multiple_of", "chat_template")
 DEFAULT_SHARD = 5 * 10**9
@@ -67,10 +65,10 @@ def check_save(checker: Checker, stmt: ast.Save, earlier: list[SaveSpec]) -> Sav
     return SaveSpec(model, path, dtype, shard, vocab.tokenizer, stmt.span, config, vocab)
 
 
-def _common_dtype(checker: Checker, model: ModelValue, stmt: ast.Save) -> torch.dtype:
+def _common_dtype(checker: Checker, model: ModelValue, stmt: ast.Save) -> DType:
     """Without `dtype`, every floating tensor is saved in the dtype the input checkpoints share; where
     they disagree, in the widest of theirs (float16 with bfloat16 gives float32), with a warning."""
-    by_dtype: dict[torch.dtype, list[str]] = {}
+    by_dtype: dict[DType, list[str]] = {}
     for leaf in dict.fromkeys(model.leaves()):
         for dtype in dict.fromkeys(s.dtype for s in leaf.tensors.values() if s.dtype.is_floating_point):
             by_dtype.setdefault(dtype, []).append(relative_to_cwd(leaf.checkpoint.path))
@@ -85,7 +83,7 @@ def _common_dtype(checker: Checker, model: ModelValue, stmt: ast.Save) -> torch.
     return dtype
 
 
-def _save_dtype(option: Optional[ast.Option]) -> Optional[torch.dtype]:
+def _save_dtype(option: Optional[ast.Option]) -> Optional[DType]:
     if option is None:
         return None
     v = option.value
@@ -115,16 +113,16 @@ def _save_shard(checker: Checker, option: Optional[ast.Option]) -> int:
     )
 
 
-def widest_dtype(dtypes) -> torch.dtype:
+def widest_dtype(dtypes) -> DType:
     """The narrowest floating dtype that holds every value of each of `dtypes` (float32 when there are none)."""
     dtypes = set(dtypes)
     if not dtypes:
-        return torch.float32
+        return float32
     if len(dtypes) == 1:
         return dtypes.pop()
-    if torch.float64 in dtypes:
-        return torch.float64
-    return torch.float32
+    if float64 in dtypes:
+        return float64
+    return float32
 
 
 def parse_size(text: str) -> Optional[int]:

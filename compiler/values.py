@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
-
 from mgc.stdlib.operator import Operator
 
+from mgc.core.dtypes import DType, as_dtype
 from mgc.core.errors import RecipeTypeError, Span
 from .layer_kinds import rewrite_expert_rules
 from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced, numbered_prefix
@@ -23,7 +22,11 @@ from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerM
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
+
+    def __post_init__(self) -> None:  # a torch dtype given becomes its DType
+        if type(self.dtype) is not DType:
+            object.__setattr__(self, "dtype", as_dtype(self.dtype))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import numpy as np
+from mgc.core.lazy_numpy import np
 
 from mgc.core.errors import CheckpointError, MgcError, MgcWarning, RecipeTypeError
 from mgc.core.paths import relative_to_cwd

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
+from mgc.core.lazy_numpy import np
 from pydantic import ValidationError
 
 from mgc.core.errors import RecipeTypeError

@@ -12,6 +12,7 @@ from lark import Lark, Token, Transformer_NonRecursive, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from mgc.grammar import ast
+from mgc.grammar.parser_cache import cached_parser
 from mgc.core.errors import MgcError, RecipeSyntaxError, Source, Span, end_of
 
 GRAMMAR = Path(__file__).with_name("merge.lark")
@@ -24,7 +25,7 @@ INT_RANGE = (-(2**63), 2**63 - 1)
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return cached_parser(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
 def parse_file(path: str | Path) -> ast.Recipe:

@@ -1,7 +1,8 @@
 """mgc, the merge-graph compiler: merge fine-tuned LLMs from a small recipe language.
 
-`compile_recipe` and `run` are imported on first use (PEP 562), so that commands that do not merge
-(`mgc fmt`, `mgc ops`, `mgc --version`) do not pay for torch."""
+`compile_recipe` and `run` are imported on first use (PEP 562), so that commands that do not compile
+(`mgc fmt`, `mgc ops`, `mgc --version`) do not pay for the compiler; compiling a recipe (`mgc check`, `mgc plan`)
+never imports torch, which only running one does (mgc/core/dtypes.py, tests/test_startup.py)."""
 from mgc.core.errors import MgcError
 
 __all__ = ["MgcError", "compile_recipe", "run"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from mgc.compiler.check import Program, check
 from mgc.compiler.search_space import bound_text
@@ -14,7 +14,9 @@ from mgc.compiler.passes import PASSES, optimize, schedule_blocks
 from mgc.compiler.plan import Plan
 from mgc.gcpause import gc_paused
 from mgc.grammar import parse, parse_file
-from mgc.runtime.execute import RunStats, execute
+
+if TYPE_CHECKING:
+    from mgc.runtime.execute import RunStats
 
 
 def compile_recipe(
@@ -68,6 +70,8 @@ def run(
         recipe, text=text, allow_pickle=allow_pickle, output=output, values=values,
     )
     require_bound(plan)
+    from mgc.runtime.execute import execute  # torch: `mgc check` and `mgc plan` never import it
+
     prepare(plan, device=device, progress=progress, force=force)
     return plan, execute(plan, device=device, force=force, progress=progress, max_memory=max_memory)
 

@@ -46,6 +46,18 @@ def _internal_error(e: Exception) -> None:
     sys.exit(EX_SOFTWARE)
 
 
+def _compiler():
+    """mgc.api's compile_recipe, imported with the garbage collector paused (its imports build many objects: a
+    fifth of `mgc check`'s start-up went to collections). Neither it nor the plan imports torch (tests/test_startup.py)."""
+    from mgc.gcpause import gc_paused
+
+    with gc_paused():
+        from mgc.api import compile_recipe
+
+        gc.freeze()  # and they live as long as the process: no collection (the one at exit included) walks them again
+    return compile_recipe
+
+
 class _Main(click.Group):
     """The `mgc` group: an MgcError that escapes a command exits 1, any other exception is an internal error."""
 
@@ -177,7 +189,7 @@ def run(recipe, output, device, force, dry_run, allow_pickle, max_memory, quiet,
 @SET_OPTION
 def check(recipe, allow_pickle, values):
     """Check RECIPE without reading tensor data."""
-    from mgc.api import compile_recipe
+    compile_recipe = _compiler()
 
     try:
         plan = compile_recipe(recipe, allow_pickle=allow_pickle, values=values)
@@ -202,7 +214,7 @@ def check(recipe, allow_pickle, values):
 @SET_OPTION
 def plan(recipe, explain, allow_pickle, values):
     """Print the optimized plan of RECIPE: passes, work, bytes, peak memory."""
-    from mgc.api import compile_recipe
+    compile_recipe = _compiler()
 
     try:
         p = compile_recipe(recipe, allow_pickle=allow_pickle, values=values)
@@ -223,7 +235,7 @@ def plan(recipe, explain, allow_pickle, values):
 @SET_OPTION
 def graph(recipe, unoptimized, values):
     """Print the tensor graph of RECIPE as DOT (render with `dot -Tsvg`)."""
-    from mgc.api import compile_recipe
+    compile_recipe = _compiler()
 
     try:
         p = compile_recipe(recipe, optimize_graph=not unoptimized, values=values)

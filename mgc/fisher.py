@@ -126,7 +126,7 @@ def _estimate(model_dir, data_path, samples, max_length, device, allow_pickle, p
         if kind == "param":
             out[name] = (acc[id(p)] / used).to("cpu", torch.float32).contiguous()
         else:
-            out[name] = torch.zeros(info.shape, dtype=torch.float32 if info.dtype.is_floating_point else info.dtype)
+            out[name] = torch.zeros(info.shape, dtype=torch.float32 if info.dtype.is_floating_point else info.dtype.torch)
     stats = {
         "documents_used": used, "tokens_predicted": tokens, "documents_in_file": len(docs),
         "device": str(dev), "seconds": round(time.perf_counter() - start, 3), "transformers": transformers.__version__,

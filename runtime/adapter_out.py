@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from mgc.core.dtypes import torch_dtype
 from mgc.core.errors import MergeRuntimeError
 from mgc.core.safetensors_header import DTYPE_CODES
 
@@ -110,7 +111,7 @@ class AdapterWriter:
         self._append(name, "lora_B.weight", self._cast(name, t[:r, spec.inn:].T))
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        cast = t.to(self.save.dtype).contiguous()
+        cast = t.to(torch_dtype(self.save.dtype)).contiguous()
         if not all_finite(cast):
             raise MergeRuntimeError(f"the adapter's tensor for '{name}' overflows {self.save.dtype} in {self.save.path}",
                                     self.save.span, "save the adapter in a wider dtype: { dtype = fp32 }")
@@ -169,7 +170,7 @@ class AdapterWriter:
     def _zero_factors(self, module: str) -> dict[str, Entry]:
         spec = self.factor_of[module]
         self.ranks[module] = 1
-        size = torch.empty((), dtype=self.save.dtype).element_size()
+        size = self.save.dtype.itemsize
         return {f"{PREFIX}{module}.{p}": Entry(spec.module, p, self.save.dtype, shape, None, size * math.prod(shape))
                 for p, shape in (("lora_A.weight", (1, spec.inn)), ("lora_B.weight", (spec.out, 1)))}
 

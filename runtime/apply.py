@@ -22,8 +22,8 @@ def run_apply(p: Apply, tensors: list[torch.Tensor], dev: torch.device, out_dtyp
     "stored" operators), so that no whole float32 result exists."""
     op = RUNNABLE[p.op]
     if p.offset:
-        return _checked(p, _apply_shifted(op, p, tensors, dev))
-    return _checked(p, _RUNS[op.runs](op, p, tensors, dev, op.result_dtype(out_dtype)))
+        return checked(p, _apply_shifted(op, p, tensors, dev))
+    return checked(p, _RUNS[op.runs](op, p, tensors, dev, op.result_dtype(out_dtype).torch))
 
 
 def _apply_shifted(op: Operator, p: Apply, tensors: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
@@ -47,13 +47,27 @@ def _apply_in_slices(op: Operator, p: Apply, tensors: list[torch.Tensor], dev: t
     """merge() slice by slice: each input's float32 copy exists one slice at a time, small enough to be reused
     from the allocator's free lists, and the same elementwise arithmetic gives the same bytes as the whole-tensor
     call."""
+    out = torch.empty(p.shape, dtype=dtype, device=dev)
+    return _fill_in_slices(op, p, tensors, out, dev)
+
+
+def _fill_in_slices(op: Operator, p: Apply, tensors: list, out, dev: torch.device):
     flat = [t.reshape(-1) for t in tensors]
     tensors.clear()
-    out = torch.empty(p.shape, dtype=dtype, device=dev)
     dest = out.view(-1)
     for a, b in spans(dest.numel(), ELEMENTWISE_SLICE if dev.type == "cpu" else slice_size(dev)):
         dest[a:b].copy_(_apply_whole(op, p, [t[a:b] for t in flat], dev))
     return out
+
+
+def run_apply_into(p: Apply, tensors: list, out) -> None:
+    """Run one operation of an operator that streams (Operator.streams_with) on the CPU, into `out`, a result the
+    caller gives and checks slice by slice as it is filled (runtime/streamed.py)."""
+    op = RUNNABLE[p.op]
+    if op.runs == "slices":
+        _fill_in_slices(op, p, tensors, out, torch.device("cpu"))
+    else:
+        _call(op, p, tensors, out=out)
 
 
 def _apply_whole(
@@ -89,7 +103,8 @@ def _call(op: Operator, p: Apply, tensors: list[torch.Tensor], out: Optional[tor
         raise MergeRuntimeError(f"{p.op}() failed on tensor '{p.tensor}': {e}", p.span) from e
 
 
-def _checked(p: Apply, out: torch.Tensor) -> torch.Tensor:
+def checked(p: Apply, out: torch.Tensor) -> torch.Tensor:
+    """`out`, refused when it holds NaN or Inf."""
     if not all_finite(out):
         narrow = out.dtype in (torch.float16, torch.bfloat16)
         raise MergeRuntimeError(

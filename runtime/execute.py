@@ -18,6 +18,7 @@ import torch
 from mgc.core.errors import CheckpointError, MergeRuntimeError
 from mgc.compiler.ir import Apply, Graph, Load, Rows, Save, saved_dtype_results
 from mgc.compiler.plan import format_bytes
+from mgc.compiler.streaming import read_by_streams_only, streamed_applies
 from .apply import all_finite, run_apply
 from .rows import run_rows
 
@@ -25,6 +26,7 @@ from .allocator import keep_freed_memory
 from mgc.core.devices import resolve_device
 from .distributed import SINGLE, World
 from .outputs import Outputs
+from .streamed import run_streamed
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
 from .adapter_out import AdapterWriter
@@ -65,7 +67,7 @@ def execute(
     graph: Graph = plan.graph
     prefetch = DEFAULT_PREFETCH
     if max_memory is not None:
-        need = plan.peak_memory()
+        need = plan.peak_memory(dev.type)
         if need > max_memory:
             raise MergeRuntimeError(
                 f"this merge needs about {format_bytes(need)} of tensor memory, more than --max-memory "
@@ -85,17 +87,24 @@ def execute(
         uses = Counter(i for n in order for i in graph.inputs(n))
         writers = outputs.writers
         bar = _progress(graph, order, progress and world.rank == 0)
+        streamed = streamed_applies(graph, order, plan.program, dev.type)
+        unread = read_by_streams_only(graph, order, streamed)
         loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
-                 if isinstance(graph.payload(n), Load)]
+                 if isinstance(graph.payload(n), Load) and n not in unread]
         reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
         writer_thread = WriterThread(max_bytes=queue_bytes)
         for n in order:
             p = graph.payload(n)
             inputs = graph.inputs(n)
             if isinstance(p, Load):
-                values[n] = reader.take(n, p.nbytes)
+                if n not in unread:
+                    values[n] = reader.take(n, p.nbytes)
                 stats.tensors_read += 1
                 stats.bytes_read += p.nbytes
+            elif n in streamed:
+                save = graph.payload(next(iter(graph.successors(n))))
+                run_streamed(graph, n, checkpoints, writers[save.output], writer_thread, _advancer(bar))
+                stats.ops_run += 1
             elif isinstance(p, Apply):
                 # An input whose last use this is leaves `values` now, so that its float32 copy
                 # can replace it instead of joining it.
@@ -108,6 +117,9 @@ def execute(
             elif isinstance(p, Rows):  # a vocabulary alignment
                 args = [values[i] for i in inputs]
                 values[n] = run_rows(p, args, dev)
+            elif isinstance(p, Save) and inputs[0] in streamed:  # written as it was computed
+                stats.tensors_written += 1
+                stats.bytes_written += p.nbytes
             elif isinstance(p, Save):
                 t = values[inputs[0]]  # an adapter's writer casts the factors it unpacks
                 t = t if isinstance(writers[p.output], AdapterWriter) else _cast_for_save(t, p, graph.payload(inputs[0]))
@@ -159,7 +171,7 @@ def _cast_for_save(t: torch.Tensor, save: Save, source) -> torch.Tensor:
     is when the operator writes float16 itself (see saved_dtype_results), not a silent Inf."""
     if t.dtype == save.dtype:
         return t
-    cast = t.to(dtype=save.dtype)
+    cast = t.to(dtype=save.dtype.torch)
     if isinstance(source, (Apply, Rows)) and save.dtype == torch.float16 and not all_finite(cast):
         raise MergeRuntimeError(
             f"tensor '{save.tensor}' overflows float16 when saved to {save.output}", source.span,
@@ -180,14 +192,25 @@ def _reader(checkpoints, p: Load):
 
 
 def _write_job(writer: ShardedWriter, name: str, t: torch.Tensor, bar, nbytes: int):
+    advance = _advancer(bar)
+
     def job() -> None:
         writer.write(name, t.to("cpu"))
-        if bar is not None:
-            bar.update(nbytes)
-            bar.tensors_done += 1
-            bar.set_postfix_str(f"{bar.tensors_done}/{bar.tensors} tensors", refresh=False)
+        advance(nbytes, True)
 
     return job
+
+
+def _advancer(bar):
+    """progress(nbytes, done): moves the progress bar by bytes written, and by one tensor when `done`."""
+    def advance(nbytes: int, done: bool) -> None:
+        if bar is not None:
+            bar.update(nbytes)
+            if done:
+                bar.tensors_done += 1
+                bar.set_postfix_str(f"{bar.tensors_done}/{bar.tensors} tensors", refresh=False)
+
+    return advance
 
 
 def _progress(graph: Graph, order, enabled: bool) -> Optional[object]:

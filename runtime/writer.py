@@ -30,7 +30,7 @@ class Slot:
 
 
 def _nbytes(shape, dtype) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize  # a DType (mgc/core/dtypes.py) or a torch dtype
 
 
 def plan_shards(tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int) -> list[list[tuple]]:
@@ -100,20 +100,19 @@ class ShardedWriter:
         self.pending = set(self.slots)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        slot = self.slots[name]
-        if tensor.dtype != self.dtypes[name]:
-            raise ValueError(f"tensor '{name}' is {tensor.dtype}, expected {self.dtypes[name]}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != slot.end - slot.begin:
-            raise ValueError(f"tensor '{name}' has {data.nbytes} bytes, expected {slot.end - slot.begin}")
-        f = self.files.get(slot.file)
+        part = self.stream(name)
+        part.write(tensor)
+        part.close()
+
+    def stream(self, name: str) -> "TensorStream":
+        """A writer of tensor `name`'s bytes in order, a part at a time (runtime/streamed.py)."""
+        return TensorStream(self, name)
+
+    def _file(self, fname: str):
+        f = self.files.get(fname)
         if f is None:
-            f = self.files[slot.file] = open(self.folder / slot.file, "r+b")
-        f.seek(slot.begin)
-        f.write(memoryview(data))
-        if self.journal is not None:
-            self.journal.wrote(Entry(name, slot.file, slot.begin, data.nbytes, zlib.crc32(memoryview(data))), f)
-        self.pending.discard(name)
+            f = self.files[fname] = open(self.folder / fname, "r+b")
+        return f
 
     def close(self, index: bool = True) -> None:
         """Close the journal and the files, check that every tensor expected was written and (`index`) write the
@@ -138,3 +137,37 @@ class ShardedWriter:
         for f in self.files.values():
             f.close()
         self.files = {}
+
+
+class TensorStream:
+    """One tensor's bytes written in order, part by part; journaled (with the crc32 of all its bytes) and counted
+    as written once the last byte is."""
+
+    def __init__(self, writer: ShardedWriter, name: str):
+        self.writer, self.name = writer, name
+        self.slot = writer.slots[name]
+        self.dtype = writer.dtypes[name]
+        self.done = 0
+        self.crc = 0
+
+    def write(self, part: torch.Tensor) -> None:
+        if part.dtype != self.dtype:
+            raise ValueError(f"tensor '{self.name}' is {part.dtype}, expected {self.dtype}")
+        data = part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        size = self.slot.end - self.slot.begin
+        if self.done + data.nbytes > size:
+            raise ValueError(f"tensor '{self.name}' has more than {size} bytes")
+        f = self.writer._file(self.slot.file)
+        f.seek(self.slot.begin + self.done)
+        f.write(memoryview(data))
+        self.crc = zlib.crc32(memoryview(data), self.crc)
+        self.done += data.nbytes
+
+    def close(self) -> None:
+        size = self.slot.end - self.slot.begin
+        if self.done != size:
+            raise ValueError(f"tensor '{self.name}' has {self.done} bytes, expected {size}")
+        if self.writer.journal is not None:
+            entry = Entry(self.name, self.slot.file, self.slot.begin, size, self.crc)
+            self.writer.journal.wrote(entry, self.writer._file(self.slot.file))
+        self.writer.pending.discard(self.name)

@@ -197,6 +197,7 @@ OPERATOR = Operator(
     model_params=("fisher",),
     runs="stored",
     transient=_transient,
+    streams=lambda params, aux: not aux,  # the Fisher-weighted iteration holds the dense units
     # karcher of one model copies it; with Fisher weights, merge() checks them first
     identity=lambda params, n, aux: (0, "single_source") if n == 1 and not aux else None,
     shift_equivariant=False,  # directions and norms change when every input moves

@@ -46,6 +46,7 @@ OPERATOR = Operator(
     min_models=1,
     per_model=("weights",),
     runs="stored",
+    streams=True,
     # 1·x, or 1·x / 1; not (3·x) / 3, which rounds
     identity=lambda params, n, aux: (0, "single_source") if n == 1 and (params.weights or [1.0])[0] == 1.0 else None,
     # Σ wᵢ(xᵢ + c) / Σ wᵢ = … + c; without normalize, only where the weights sum to 1

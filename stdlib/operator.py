@@ -23,12 +23,18 @@ How the runtime runs merge() (``Operator.runs``):
 
 Each operator also declares the bytes merge() holds while it runs, beyond its inputs and result
 (``Operator.transient``), for the plan's peak-memory estimate; the default follows ``runs``.
+
+An operator that reads its inputs only as flat slices (``t.reshape(-1)[a:b]``) and fills ``ctx.out`` only as
+``out.view(-1)[a:b].copy_(part)``, in ascending order, declares ``streams``: the runtime may then hand it inputs
+that stay in their files and a result that goes straight to its shard (runtime/file_tensor.py), so that a tensor of
+any size is merged holding only the slices in flight. A "slices" operator always may.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Optional, Sequence, Tuple, Union
 
+from mgc.core.dtypes import DType, as_dtype, float32
 from mgc.core.lazy_torch import torch
 from pydantic import BaseModel, ConfigDict
 
@@ -65,6 +71,8 @@ IdentityFn = Callable[[BaseModel, int, bool], Optional[Tuple[int, str]]]
 TransientFn = Callable[[int, int, bool], int]
 # (params, whether a base is given) -> whether merge() commutes with a shift of all its inputs (Operator.shift_equivariant)
 ShiftFn = Callable[[BaseModel, bool], bool]
+# (params, whether model-valued inputs are given) -> whether merge() streams (Operator.streams)
+StreamsFn = Callable[[BaseModel, bool], bool]
 
 
 def whole_transient(numel: int, inputs: int, aux: bool) -> int:
@@ -122,6 +130,9 @@ class Operator:
     # it does not, a tensor a model applies as c + w (Gemma's norm weights: 1 + w) is merged as c + w and c taken off
     # after; where it does, it is merged as stored, bit for bit. False, the safe side, unless declared.
     shift_equivariant: Union[bool, ShiftFn] = False
+    # whether merge() touches its inputs and ctx.out only in flat slices, in order (see the module docstring): True,
+    # False, or a function of (params, whether model-valued inputs are given). Implied by runs="slices"
+    streams: Union[bool, StreamsFn] = False
 
     def __post_init__(self) -> None:
         if self.runs not in RUNS:
@@ -136,15 +147,25 @@ class Operator:
         rule = self.shift_equivariant
         return bool(rule(params, has_base) if callable(rule) else rule)
 
+    def streams_with(self, params: BaseModel, aux: bool) -> bool:
+        """`streams` for these parameters."""
+        if self.runs == "slices":
+            return True
+        if self.runs == "whole":
+            return False
+        rule = self.streams
+        return bool(rule(params, aux) if callable(rule) else rule)
+
     @property
     def random(self) -> bool:
         """Draws random numbers: its Params has a ``seed``, and merge() gets ``ctx.generator``."""
         return "seed" in self.params.model_fields
 
-    def result_dtype(self, saved: Optional[torch.dtype]) -> torch.dtype:
+    def result_dtype(self, saved: Optional[DType]) -> DType:
         """The dtype of the result when its only users save it as `saved` (None: other users): an operator
-        that fills its result ("slices", "stored") writes the saved dtype directly, the others float32."""
-        return saved if saved is not None and self.runs != "whole" else torch.float32
+        that fills its result ("slices", "stored") writes the saved dtype directly, the others float32.
+        A DType (mgc/core/dtypes.py), also for a torch dtype given: the runtime hands torch its `.torch`."""
+        return as_dtype(saved) if saved is not None and self.runs != "whole" else float32
 
     def arity_text(self) -> str:
         if self.max_models is None:

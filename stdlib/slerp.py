@@ -51,6 +51,7 @@ OPERATOR = Operator(
     min_models=2,
     max_models=2,
     runs="stored",
+    streams=True,
     identity=lambda params, n, aux: (0, "slerp_t0") if params.t == 0 else (1, "slerp_t1") if params.t == 1 else None,
     shift_equivariant=False,  # the angle between x₀ and x₁ changes when both move
 )

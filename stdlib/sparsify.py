@@ -130,20 +130,55 @@ class MagnitudeCut:
         return keep.to(magnitudes.dtype)
 
 
-def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float, work: torch.Tensor) -> Optional[MagnitudeCut]:
-    """The cut of ``magnitude`` for δ = model − base (flat, any float dtype; differenced in float32 in the
-    float32 buffer `work`), or None when every entry is kept."""
-    n = work.numel()
+def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float) -> Optional[MagnitudeCut]:
+    """The cut of ``magnitude`` for δ = model − base (flat, any float dtype; differenced in float32 slice by
+    slice), or None when every entry is kept. Found in a few passes over the slices, holding none of |δ| whole:
+    the k-th largest |δ| by its float32 bits (non-negative floats order as their bits do), the high 16 bits
+    by counting in one pass, the low 16 among the entries sharing those in a second; a third pass finds the
+    position of the last tie kept. The same cut as ``_cut`` on the whole |δ|."""
+    n = base.numel()
     k = max(1, int(density * n))
     if density >= 1 or k >= n:
         return None
-    # Widened slice by slice: a float32 − bf16 subtraction over the whole tensor takes a slow mixed-dtype
-    # path (5× slower than widening both sides first).
-    size = sl.slice_size(work.device)
-    wide_base = torch.empty(min(size, n), dtype=torch.float32, device=work.device)
+    high = _bit_counts(_magnitudes(model, base), lambda bits: bits >> 16)
+    h, above_h, _ = _rank_bin(high, k)
+    low = _bit_counts(_magnitudes(model, base), lambda bits: bits[(bits >> 16) == h] & 0xFFFF)
+    lo, above_l, _ = _rank_bin(low, k - above_h)
+    threshold = float(torch.tensor([(h << 16) | lo], dtype=torch.int32).view(torch.float32))
+    missing = k - above_h - above_l  # >= 1: the threshold is the k-th largest
+    seen = 0
+    for start, mags in _magnitudes(model, base):
+        tied = (mags == threshold).nonzero()
+        if seen + tied.numel() >= missing:
+            return MagnitudeCut(threshold, start + int(tied[missing - seen - 1]) + 1)
+        seen += tied.numel()
+    raise AssertionError("the k-th largest magnitude was not found again")
+
+
+def _magnitudes(model: torch.Tensor, base: torch.Tensor):
+    """(start, float32 |model − base|) slice by slice, in reused buffers. Widened slice by slice: a float32 −
+    bf16 subtraction over a whole tensor takes a slow mixed-dtype path (5× slower than widening both first)."""
+    n = base.numel()
+    size = min(sl.slice_size(base.device), n)
+    wide_model, wide_base = (torch.empty(size, dtype=torch.float32, device=base.device) for _ in "mb")
     for a, b in sl.spans(n, size):
-        work[a:b].copy_(model[a:b]).sub_(wide_base[: b - a].copy_(base[a:b])).abs_()
-    return _cut(work, k)
+        yield a, wide_model[: b - a].copy_(model[a:b]).sub_(wide_base[: b - a].copy_(base[a:b])).abs_()
+
+
+def _bit_counts(slices, key) -> torch.Tensor:
+    """How many entries have each value 0 … 2¹⁶ − 1 of key(float32 bits as int32), over all slices."""
+    counts = None
+    for _, mags in slices:
+        part = torch.bincount(key(mags.view(torch.int32)).long(), minlength=1 << 16)
+        counts = part if counts is None else counts.add_(part)
+    return counts.cpu()
+
+
+def _rank_bin(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(the bin holding the k-th largest entry, how many entries lie in higher bins, how many in it)."""
+    above = counts.flip(0).cumsum(0).flip(0) - counts  # entries in higher bins, per bin
+    b = int(((above < k) & (above + counts >= k)).nonzero()[-1])
+    return b, int(above[b]), int(counts[b])
 
 
 def _cut(magnitudes: torch.Tensor, k: int) -> MagnitudeCut:

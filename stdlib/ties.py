@@ -35,9 +35,7 @@ def merge(tensors: Sequence[torch.Tensor], params: Params, ctx: MergeContext) ->
         return sl.result(base, ctx.out).copy_(merge_deltas(deltas, params, MergeContext(base=wide_base)))
     weights, densities = tv.per_model_values(params, len(tensors), "ties", weights=1.0, density=1.0)
     flat, b = [t.reshape(-1) for t in tensors], base.reshape(-1)
-    work = torch.empty(b.numel(), dtype=torch.float32, device=b.device)
-    cuts = [sp.magnitude_cut(x, b, d, work) for x, d in zip(flat, densities)]
-    del work
+    cuts = [sp.magnitude_cut(x, b, d) for x, d in zip(flat, densities)]
     res = sl.result(base, ctx.out)
     dest = res.view(-1)
     for start, stop in sl.spans(dest.numel(), sl.slice_size(dest.device)):
@@ -56,6 +54,7 @@ OPERATOR = METHOD.operator(
     reference="Yadav et al. 2023, TIES-Merging: Resolving interference when merging models, arXiv:2306.01708",
     merge=merge,
     runs="stored",
-    # and one float32 |δ| and three boolean masks of the whole tensor while it finds the cuts
-    transient=lambda numel, inputs, aux: stored_transient(numel, inputs, aux) + 7 * numel,
+    streams=lambda params, aux: not params.rescale,  # rescaling needs whole trimmed task vectors
+    # and the magnitude cut's two float32 slices, a slice's bits as int32 and int64, and its counts
+    transient=lambda numel, inputs, aux: stored_transient(numel, inputs, aux) + 20 * min(numel, sl.SLICE) + (1 << 20),
 )

@@ -76,6 +76,13 @@ def test_two_ranks_write_what_one_process_writes(reference, root):
     assert sorted(os.listdir(root / "out")) == ["merged", "plain"]
 
 
+def test_two_ranks_streaming_every_tensor_write_what_one_process_writes(reference, root):
+    """slerp's tensors merged slice by slice from the files into shards the ranks share (runtime/streamed.py)."""
+    done = mgc_run(root, 2, "-q", MGC_STREAM_BYTES="0")
+    assert done.returncode == 0, done.stderr
+    assert outputs(root) == reference[1]
+
+
 def test_a_failed_rank_fails_the_run_and_the_next_run_resumes(reference, root):
     failed = mgc_run(root, 2, "-q", MGC_TEST_FAIL_AFTER="20", MGC_TEST_RANK="1")
     assert failed.returncode != 0

@@ -483,7 +483,7 @@ def test_magnitude_cut_masks_slice_by_slice_the_entries_top_k_mask_keeps(small_s
     want = top_k_reference(mags, k)
     assert same_bits(sp.top_k_mask(mags, k), want)
 
-    cut = sp.magnitude_cut(model, base, density, torch.empty(n, dtype=torch.float32))
+    cut = sp.magnitude_cut(model, base, density)
     assert cut is not None
     pieces = [cut.mask(mags[a:b], a) for a, b in slices.spans(n)]
     assert len(pieces) == -(-n // SMALL_SLICE)
@@ -495,7 +495,7 @@ def test_magnitude_cut_masks_slice_by_slice_the_entries_top_k_mask_keeps(small_s
 
 def test_magnitude_cut_keeps_everything_at_density_one():
     base, model, _ = cut_inputs(1000, 150)
-    assert sp.magnitude_cut(model, base, 1.0, torch.empty(1000)) is None
+    assert sp.magnitude_cut(model, base, 1.0) is None
 
 
 # ---------------------------------------------------------------- 5. the runtime: results in the saved dtype
@@ -660,3 +660,19 @@ def test_a_result_that_overflows_a_float16_save_is_an_error_on_both_paths():
     with pytest.raises(MergeRuntimeError, match="overflows float16"):
         ex._cast_for_save(result, save, p)
     assert torch.equal(ex._cast_for_save(result / 4, save, p), (result / 4).half())
+
+
+@pytest.mark.parametrize("name", ["random", "half_zeros_half_ones", "half_zeros_half_ones_in_blocks", "constant",
+                                  "few_distinct", "descending"])
+def test_magnitude_cut_without_the_whole_magnitudes_is_the_cut_of_the_whole(small_slices, name):
+    """The streamed cut (bit counts over slices) keeps exactly the entries the whole-tensor cut keeps, ties at the
+    k-th value included, on inputs full of ties."""
+    model = KTH_CASES[name]()
+    base = torch.zeros_like(model)
+    mags = model.abs()
+    n = model.numel()
+    for k in ks(n)[:-1]:
+        density = k / n + 0.1 / n  # int(density · n) == k
+        assert max(1, int(density * n)) == k
+        cut = sp.magnitude_cut(model, base, density)
+        assert cut == sp._cut(mags, k), (name, k)

@@ -43,9 +43,9 @@ def test_transient_memory_per_kind_of_operator():
     # stored-dtype operators: slices and gram()'s buffer, whatever the tensor's size
     assert _transient(apply("karcher", 3), OPERATORS["karcher"], 3) == 6 * s + min(GRAM_BUFFER, 8 * numel * 3)
     assert _transient(apply("linear", 3), OPERATORS["linear"], 3) == 6 * s + min(GRAM_BUFFER, 8 * numel * 3)
-    # ties also holds one float32 |δ| and three masks of the whole tensor
+    # ties also holds the magnitude cut's slices: two float32, the bits as int32 and int64, and 2¹⁶ counts
     ties = Apply("ties", OPERATORS["ties"].params(), True, "t", shape)
-    assert _transient(ties, OPERATORS["ties"], 4) == 7 * s + GRAM_BUFFER + 7 * numel
+    assert _transient(ties, OPERATORS["ties"], 4) == 7 * s + GRAM_BUFFER + 5 * s + (1 << 20)
     # karcher with Fisher models iterates on dense float64 copies
     fisher = Apply("karcher", OPERATORS["karcher"].params(), False, "t", shape, aux=(("fisher", 2),))
     assert _transient(fisher, OPERATORS["karcher"], 4) == 2 * 8 * numel * 4 + 4 * numel

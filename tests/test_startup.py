@@ -1,4 +1,4 @@
-"""Start-up: the commands that only read a recipe or the operator table never import torch (about a second of
+"""Start-up: the commands that only read a recipe, compile it or list the operators never import torch (about a second of
 start-up). Each is run in a fresh interpreter, which then says whether torch was imported."""
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ def _imports_torch(args: list[str]) -> bool:
 def test_commands_that_do_not_merge_do_not_import_torch(args):
     assert not _imports_torch(args)
 
+
+@pytest.mark.parametrize("args", [
+    ["check", "examples/quickstart.merge"], ["plan", "examples/quickstart.merge"],
+    ["plan", "--explain", "examples/quickstart.merge"], ["graph", "examples/quickstart.merge"],
+    ["graph", "--unoptimized", "examples/quickstart.merge"],
+])
+def test_commands_that_compile_a_recipe_do_not_import_torch(args):
+    """The compiler's dtypes are mgc/core/dtypes.py's, not torch's: checking and planning never import it."""
+    assert not _imports_torch(args)
 
 
 @pytest.mark.parametrize("module", ["mgc", "mgc.cli"])

@@ -6,12 +6,13 @@ Pickle (`.bin`) checkpoints are refused unless the caller allows them (pickles.p
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
 from typing import Optional
 
-import torch
+from mgc.core.lazy_torch import torch
 
 from mgc.core.errors import CheckpointError, Span
 from mgc.core.paths import regular_file_size, show_path, stat_path
@@ -92,25 +93,47 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no tensor '{name}'")
         if self._state is not None:
             return self._state[name]
-        # Read the tensor's bytes straight into its own buffer: one copy, and no memory map whose
-        # touched pages would count against the process while the whole file streams through.
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        return self.read_flat(name, 0, math.prod(info.shape)).reshape(info.shape)
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries [start, stop) of the flattened tensor `name` (of a safetensors checkpoint), read from its file
+        straight into their own buffer: one copy, and no memory map whose touched pages would count against the
+        process while the whole file streams through."""
+        info = self.tensors[name]
+        size = info.nbytes // max(1, math.prod(info.shape))
+        nbytes = (stop - start) * size
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
-            handle.seek(info.offset)
+            fd, begin = self._handle(info.file).fileno(), info.offset + start * size
             view, got = memoryview(buf.numpy()), 0
-            while got < info.nbytes:  # one read(2) returns at most ~2 GiB on Linux: a big tensor takes several
-                step = handle.readinto(view[got:])
+            while got < nbytes:  # one read(2) returns at most ~2 GiB on Linux: a big tensor takes several
+                step = os.preadv(fd, [view[got:]], begin + got)
                 if not step:
                     break
                 got += step
         except OSError as e:
             raise CheckpointError(f"{info.file}: cannot read tensor '{name}': {e.strerror or e}") from None
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file}: tensor '{name}' is cut short ({got} of {info.nbytes} bytes; truncated?)")
-        return buf.view(info.dtype).reshape(info.shape)
+        if got != nbytes:
+            raise CheckpointError(f"{info.file}: tensor '{name}' is cut short ({got} of {nbytes} bytes; truncated?)")
+        return buf.view(info.dtype.torch)
+
+    def will_read(self, name: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading entries [start, stop) of `name` into the page cache, without waiting."""
+        info = self.tensors[name]
+        size = info.nbytes // max(1, math.prod(info.shape))
+        stop = min(stop, math.prod(info.shape))
+        if stop > start and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._handle(info.file).fileno(), info.offset + start * size, (stop - start) * size,
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # only advice: the read itself reports what is wrong
+
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = open(file, "rb", buffering=0)
+        return handle
 
     def close(self) -> None:
         for handle in self._handles.values():

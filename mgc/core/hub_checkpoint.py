@@ -13,8 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, MutableMapping
 
-import torch
-
 from mgc.core.checkpoint import (
     INDEX_FILE, TOKENIZER_FILES, Checkpoint, _add_tensor, _check_index, _read_config, _read_index,
 )
@@ -22,6 +20,7 @@ from mgc.core.errors import CheckpointError
 from mgc.core.hub import PREFIX
 from mgc.core.hub_client import Revision, download, resolve
 from mgc.core.hub_header import relabel, remote_header
+from mgc.core.lazy_torch import torch  # for annotations only
 from mgc.core.paths import regular_file_size
 from mgc.core.safetensors_header import TensorInfo, read_header
 
@@ -60,11 +59,9 @@ class RemoteCheckpoint(Checkpoint):
             self._ensure(shard, progress)
         return todo
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.tensors.get(name)
-        if info is not None:
-            self._ensure(info.file.name)
-        return super().read(name)
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        self._ensure(self.tensors[name].file.name)
+        return super().read_flat(name, start, stop)
 
     def _ensure(self, shard: str, progress: bool = False) -> None:
         """The shard downloaded at the pinned commit and checked against the header validated at check time."""

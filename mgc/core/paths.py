@@ -11,6 +11,11 @@ from typing import Optional
 from mgc.core.errors import CheckpointError, Span
 
 
+def cache_root() -> Path:
+    """mgc's cache folder (Fisher tensors, moe() routers, the grammar's parser): ``$MGC_CACHE``, or ``~/.cache/mgc``."""
+    return Path(os.environ.get("MGC_CACHE") or "~/.cache/mgc").expanduser().resolve()
+
+
 def show_path(path: str | os.PathLike, limit: int = 200) -> str:
     """A path for a message: NUL bytes made visible, an over-long one shortened in the middle."""
     text = os.fsdecode(path).replace("\0", "\\0")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from mgc.core.lazy_torch import torch
 
 from mgc.core.errors import CheckpointError
 from mgc.core.paths import regular_file_size

@@ -7,21 +7,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from mgc.core.dtypes import SAFETENSORS, DType, DTypeTable, as_dtype
 from mgc.core.errors import CheckpointError
 from mgc.core.paths import regular_file_size
 from mgc.core.strict_json import json_type, loads
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        DTYPES[_code] = getattr(torch, _attr)
-DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+DTYPES: dict[str, DType] = {d.code: d for d in SAFETENSORS}
+DTYPE_CODES = DTypeTable({v: k for k, v in DTYPES.items()})  # also answers for torch's dtypes
 MAX_HEADER = 100 * 1024 * 1024
 # Sizes, offsets and element counts must fit torch's int64 sizes (safetensors itself allows up to 2**64 - 1).
 MAX_COUNT = 2**63 - 1
@@ -31,17 +23,17 @@ MAX_COUNT = 2**63 - 1
 class TensorInfo:
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: DType  # a torch dtype given (a pickle's tensor) is turned into its DType
     shape: tuple[int, ...]
     offset: int = -1  # where its bytes start in the file (safetensors); -1 for pickles
 
+    def __post_init__(self) -> None:
+        if type(self.dtype) is not DType:
+            object.__setattr__(self, "dtype", as_dtype(self.dtype))
+
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _is_count(value: object) -> bool:
@@ -130,7 +122,7 @@ def validate_header(header: object, file: Path, data_start: int, data_size: int)
             if numel > MAX_COUNT:
                 raise CheckpointError(f"{where} has a shape {shape} whose element count overflows")
         dtype = DTYPES[code]
-        nbytes = numel * _itemsize(dtype)
+        nbytes = numel * dtype.itemsize
         if nbytes > MAX_COUNT:
             raise CheckpointError(f"{where} has a shape {shape} whose size in bytes overflows")
         tensors[name] = TensorInfo(name, file, dtype, tuple(shape), data_start + begin)
