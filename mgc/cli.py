@@ -220,7 +220,7 @@ def plan(recipe, explain, allow_pickle, values):
         p = compile_recipe(recipe, allow_pickle=allow_pickle, values=values)
         lines = []
         if p.program.free and not values:
-            from mgc.search import sharing_lines
+            from mgc.search_setup import sharing_lines
 
             lines = sharing_lines(recipe, allow_pickle)
     except MgcError as e:

@@ -31,6 +31,7 @@ def test_commands_that_do_not_merge_do_not_import_torch(args):
     ["check", "examples/quickstart.merge"], ["plan", "examples/quickstart.merge"],
     ["plan", "--explain", "examples/quickstart.merge"], ["graph", "examples/quickstart.merge"],
     ["graph", "--unoptimized", "examples/quickstart.merge"],
+    ["check", "examples/search.merge"], ["plan", "examples/search.merge"],  # what a search computes once
 ])
 def test_commands_that_compile_a_recipe_do_not_import_torch(args):
     """The compiler's dtypes are mgc/core/dtypes.py's, not torch's: checking and planning never import it."""
