@@ -14,7 +14,7 @@ from .check import Program
 from .fisher_cache import plan_lines
 from .ir import Apply, Graph, Load, Rows, Save, _itemsize, saved_dtype_results
 from .passes import PassReport, Schedule
-from .streaming import read_by_streams_only, streamed_applies
+from .streaming import streaming
 
 
 def _transient(p: Apply, op, k: int) -> int:
@@ -50,11 +50,10 @@ class Plan:
         dtype where its only users are saves and the operator writes that dtype directly. While a merge
         runs, its transient memory is added: see ``_transient``. A save adds a cast copy when its
         input is not already in the saved dtype. A streamed merge (compiler/streaming.py) holds only its
-        transient memory, the slices in flight, and its inputs are not read whole.
+        transient memory, the slices in flight, and its inputs are not read whole; a streamed copy holds a slice.
         """
         g = self.graph
-        streamed = streamed_applies(g, self.schedule.order, self.program, device_type)
-        unread = read_by_streams_only(g, self.schedule.order, streamed)
+        streamed = streaming(g, self.schedule.order, self.program, device_type)
         uses = Counter(i for n in g.nodes for i in g.inputs(n))
         direct = saved_dtype_results(g)
         held: dict[int, int] = {}
@@ -65,15 +64,15 @@ class Plan:
             inputs = g.inputs(n)
             transient = 0
             if isinstance(p, Load):
-                held[n], dtypes[n] = (0 if n in unread else p.nbytes), p.dtype
+                held[n], dtypes[n] = (0 if n in streamed.unread else p.nbytes), p.dtype
             elif isinstance(p, Apply):
                 op = RUNNABLE[p.op]
                 dtypes[n] = op.result_dtype(direct.get(n))
-                held[n] = 0 if n in streamed else math.prod(p.shape) * _itemsize(dtypes[n])
+                held[n] = 0 if n in streamed.applies else math.prod(p.shape) * _itemsize(dtypes[n])
                 transient = _transient(p, op, len(inputs))
             elif isinstance(p, Rows):  # in its inputs' dtype, at most float32
                 held[n], dtypes[n] = p.nbytes, float32
-            elif dtypes.get(inputs[0]) != p.dtype:
+            elif dtypes.get(inputs[0]) != p.dtype and n not in streamed.copies:
                 transient = p.nbytes
             live += held.get(n, 0)
             peak = max(peak, live + transient)

@@ -18,7 +18,7 @@ import torch
 from mgc.core.errors import CheckpointError, MergeRuntimeError
 from mgc.compiler.ir import Apply, Graph, Load, Rows, Save, saved_dtype_results
 from mgc.compiler.plan import format_bytes
-from mgc.compiler.streaming import read_by_streams_only, streamed_applies
+from mgc.compiler.streaming import streaming
 from .apply import all_finite, run_apply
 from .rows import run_rows
 
@@ -26,7 +26,7 @@ from .allocator import keep_freed_memory
 from mgc.core.devices import resolve_device
 from .distributed import SINGLE, World
 from .outputs import Outputs
-from .streamed import run_streamed
+from .streamed import copy_streamed, run_streamed
 from .streams import Prefetcher, WriterThread
 from .writer import ShardedWriter
 from .adapter_out import AdapterWriter
@@ -87,8 +87,8 @@ def execute(
         uses = Counter(i for n in order for i in graph.inputs(n))
         writers = outputs.writers
         bar = _progress(graph, order, progress and world.rank == 0)
-        streamed = streamed_applies(graph, order, plan.program, dev.type)
-        unread = read_by_streams_only(graph, order, streamed)
+        streamed = streaming(graph, order, plan.program, dev.type)
+        unread = streamed.unread
         loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
                  if isinstance(graph.payload(n), Load) and n not in unread]
         reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
@@ -101,7 +101,7 @@ def execute(
                     values[n] = reader.take(n, p.nbytes)
                 stats.tensors_read += 1
                 stats.bytes_read += p.nbytes
-            elif n in streamed:
+            elif n in streamed.applies:
                 save = graph.payload(next(iter(graph.successors(n))))
                 run_streamed(graph, n, checkpoints, writers[save.output], writer_thread, _advancer(bar))
                 stats.ops_run += 1
@@ -117,7 +117,11 @@ def execute(
             elif isinstance(p, Rows):  # a vocabulary alignment
                 args = [values[i] for i in inputs]
                 values[n] = run_rows(p, args, dev)
-            elif isinstance(p, Save) and inputs[0] in streamed:  # written as it was computed
+            elif n in streamed.copies:
+                copy_streamed(graph, n, checkpoints, writers[p.output], writer_thread, _advancer(bar))
+                stats.tensors_written += 1
+                stats.bytes_written += p.nbytes
+            elif isinstance(p, Save) and inputs[0] in streamed.applies:  # written as it was computed
                 stats.tensors_written += 1
                 stats.bytes_written += p.nbytes
             elif isinstance(p, Save):

@@ -127,7 +127,8 @@ class SliceSink:
     def put(self, start: int, part: torch.Tensor) -> None:
         if start != self.filled:
             raise RuntimeError(f"a streamed result is written in order: entry {start} came after {self.filled}")
-        part = self.check(part.reshape(-1).to(self.dtype))
+        # a copy, always: the operator reuses its slice buffers, and the writer thread writes this one later
+        part = self.check(part.reshape(-1).to(self.dtype, copy=True))
         self.emit(part)
         self.filled += part.numel()
 

@@ -57,12 +57,17 @@ class Watch:
     """Counts the streamed operations, and records the size of every read of a streamed input."""
 
     def __init__(self, monkeypatch):
-        self.ops, self.reads, self.whole = 0, [], 0
-        original_run, original_read = streamed.run_streamed, file_tensor.FileTensor._read
+        self.ops, self.copies, self.reads, self.whole = 0, 0, [], 0
+        original_run, original_copy = streamed.run_streamed, streamed.copy_streamed
+        original_read = file_tensor.FileTensor._read
 
         def run_streamed(*args, **kw):
             self.ops += 1
             return original_run(*args, **kw)
+
+        def copy_streamed(*args, **kw):
+            self.copies += 1
+            return original_copy(*args, **kw)
 
         def read(ft, start, stop):
             self.reads.append(stop - start)
@@ -77,9 +82,10 @@ class Watch:
         monkeypatch.setattr(file_tensor.FileTensor, "read", whole)
         import mgc.runtime.execute as execute_module
         monkeypatch.setattr(execute_module, "run_streamed", run_streamed)
+        monkeypatch.setattr(execute_module, "copy_streamed", copy_streamed)
 
 
-@pytest.mark.parametrize("dtype", ["", ' { dtype = fp16, shard = "200KB" }'])
+@pytest.mark.parametrize("dtype", ["", ' { dtype = fp16, shard = "200KB" }', " { dtype = fp32 }"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_a_streamed_merge_writes_the_bytes_of_the_whole_tensor_merge(tmp_path, monkeypatch, small_slices, op, dtype):
     path = recipe(tmp_path, OPS[op], dtype)
@@ -204,3 +210,22 @@ def test_a_file_tensor_used_as_a_tensor_is_read_whole_and_gives_the_tensors_answ
     assert torch.equal(ft.reshape(-1)[3:700], whole.reshape(-1)[3:700]) and ft.whole_reads == 5
     assert torch.equal(ft[1], whole[1])
     ckpt.close()
+
+
+@pytest.mark.parametrize("options", ["", " { dtype = fp32 }"])
+def test_a_kept_input_tensor_is_copied_a_slice_at_a_time(tmp_path, monkeypatch, small_slices, options):
+    """slerp at t = 0 and t = 1 keeps one input's tensor: saved from its file slice by slice (cast to fp32 when asked),
+    with the bytes of the whole-tensor copy."""
+    path = recipe(tmp_path, "slerp(a, b, t = [0, 0.5, 1])", options)
+    plan, _ = run(path, device="cpu")
+    whole = snapshot(tmp_path / "out")
+    kept = sum(1 for n in plan.graph.nodes if type(plan.graph.payload(n)).__name__ == "Save"
+               and type(plan.graph.payload(plan.graph.inputs(n)[0])).__name__ == "Load")
+    assert kept > 10
+
+    watch = Watch(monkeypatch)
+    monkeypatch.setenv("MGC_STREAM_BYTES", "0")
+    run(path, device="cpu", force=True)
+    assert snapshot(tmp_path / "out") == whole
+    assert watch.copies == kept and watch.ops > 0 and watch.whole == 0
+    assert max(watch.reads) <= SLICE
