@@ -19,23 +19,28 @@ from lark.lexer import TerminalDef
 
 from mgc.core.paths import cache_root
 
-FORMAT = 1  # of the cache file: bumped when what it holds changes
+FORMAT = 2  # of the cache file: bumped when what it holds changes
 
 
 def cached_parser(grammar: str, **options) -> Lark:
     """Lark(grammar, **options), from the cache when it holds this grammar's parser (only for parser="lalr")."""
     key = hashlib.sha256(json.dumps([FORMAT, lark.__version__, grammar, sorted(options.items())]).encode()).hexdigest()
-    path = cache_root() / "grammar" / f"{key[:32]}.json"
-    try:
-        held = json.loads(path.read_bytes(), object_pairs_hook=_int_keys)
-        if held["key"] == key:
-            return Lark.__new__(Lark)._load({"data": held["data"], "memo": held["memo"]})
-    except Exception:  # missing, unreadable, cut short, or another lark's: build it
+    path = None
+    try:  # the file: the sha256 of the tables' JSON, a newline, the JSON
+        path = cache_root() / "grammar" / f"{key[:32]}.json"
+        digest, _, body = path.read_bytes().partition(b"\n")
+        if digest.decode() == hashlib.sha256(body).hexdigest():
+            held = json.loads(body, object_pairs_hook=_int_keys)
+            if held["key"] == key:
+                return Lark.__new__(Lark)._load({"data": held["data"], "memo": held["memo"]})
+    except Exception:  # no home folder, missing, unreadable, cut short, damaged, or another lark's: build it
         pass
     parser = Lark(grammar, **options)
     try:
         data, memo = parser.memo_serialize([TerminalDef, Rule])
-        _write(path, json.dumps({"key": key, "data": data, "memo": memo}).encode())
+        body = json.dumps({"key": key, "data": data, "memo": memo}).encode()
+        if path is not None:
+            _write(path, hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
     except Exception:  # a read-only home, a full disk, tables JSON cannot hold: the parser still works
         pass
     return parser

@@ -65,6 +65,11 @@ class FileTensor:
         self.whole_reads += 1
         return self._read(self.start, self.stop).reshape(self.shape)
 
+    def check_all(self) -> None:
+        """Read every slice, raising the CheckpointError of the first that holds NaN or Inf."""
+        for a in range(self.start, self.stop, SINK_SLICE):
+            self._read(a, min(a + SINK_SLICE, self.stop))
+
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if stop - start < self.stop - self.start:  # the next slices are read from the disk while this one is used
             self.ckpt.will_read(self.name, stop, stop + READ_AHEAD * (stop - start))

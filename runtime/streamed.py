@@ -25,8 +25,15 @@ def run_streamed(graph: Graph, n: int, checkpoints, writer: ShardedWriter, write
     p: Apply = graph.payload(n)
     save: Save = graph.payload(next(iter(graph.successors(n))))
     inputs = [_file_tensor(checkpoints, graph.payload(i)) for i in graph.inputs(n)]
-    _stream(save, writer, writer_thread, progress, lambda sink: run_apply_into(p, inputs, sink),
-            lambda part: checked(p, part), f"{p.op}() on '{p.tensor}'")
+
+    def check(part):
+        if not all_finite(part):  # a NaN or Inf in an input, further on, is the error of the whole-tensor run
+            for x in inputs:
+                x.check_all()
+        return checked(p, part)
+
+    _stream(save, writer, writer_thread, progress, lambda sink: run_apply_into(p, list(inputs), sink), check,
+            f"{p.op}() on '{p.tensor}'")
 
 
 def copy_streamed(graph: Graph, n: int, checkpoints, writer: ShardedWriter, writer_thread: WriterThread,

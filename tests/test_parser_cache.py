@@ -2,6 +2,7 @@
 errors alike), and a cache that is missing, damaged or not writable only costs the build."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,8 +33,13 @@ def _texts() -> list[str]:
 def _outcome(parser: Lark, text: str):
     try:
         return parser.parse(text)
-    except UnexpectedInput as e:
-        return type(e), str(e), getattr(e, "expected", None), e.line, e.column
+    except UnexpectedInput as e:  # lark's own message lists the expected set in its iteration order: mgc sorts it
+        return type(e), str(getattr(e, "token", "")), sorted(getattr(e, "expected", None) or ()), e.line, e.column
+
+
+def _body(file: Path) -> dict:
+    """The tables a cache file holds, after its digest line."""
+    return json.loads(file.read_bytes().partition(b"\n")[2])
 
 
 def _files(cache: Path) -> list[Path]:
@@ -73,7 +79,38 @@ def test_a_damaged_cache_file_is_built_anew(tmp_path, monkeypatch, damage):
     (file,) = _files(tmp_path)
     file.write_bytes(damage)
     assert cached_parser('start: "a" "b"', parser="lalr").parse("ab").data == "start"
-    assert json.loads(file.read_bytes())["key"]  # written again, whole
+    assert _body(file)["key"]  # written again, whole
+
+
+def test_tables_damaged_inside_valid_json_are_built_anew(tmp_path, monkeypatch):
+    """A file whose JSON still loads but whose tables were changed fails its digest: rebuilt, never trusted."""
+    monkeypatch.setenv("MGC_CACHE", str(tmp_path))
+    grammar = GRAMMAR.read_text()
+    cached_parser(grammar, **OPTIONS)
+    (file,) = _files(tmp_path)
+    digest, _, body = file.read_bytes().partition(b"\n")
+    held = json.loads(body)
+    states = held["data"]["parser"]["parser"]["states"]
+    states.pop(next(iter(states)))  # a parse state lost
+    file.write_bytes(digest + b"\n" + json.dumps(held).encode())
+    parser = cached_parser(grammar, **OPTIONS)
+    reference = Lark(grammar, **OPTIONS)
+    for text in _texts()[:40]:
+        assert _outcome(parser, text) == _outcome(reference, text)
+    new_digest, _, new_body = file.read_bytes().partition(b"\n")  # written again, whole
+    assert new_digest == hashlib.sha256(new_body).hexdigest().encode()
+    assert len(json.loads(new_body)["data"]["parser"]["parser"]["states"]) == len(states) + 1
+
+
+def test_no_home_folder_only_costs_the_build(monkeypatch):
+    """With HOME unset and a uid without a passwd entry, the cache folder cannot be named: the parser is built."""
+    import mgc.grammar.parser_cache as parser_cache
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(parser_cache, "cache_root", no_home)
+    assert cached_parser('start: "a"', parser="lalr").parse("a").data == "start"
 
 
 def test_a_cache_that_cannot_be_written_is_not(tmp_path, monkeypatch):

@@ -122,19 +122,28 @@ def test_operators_that_do_not_stream_read_whole(tmp_path, monkeypatch):
     assert watch.ops == 0
 
 
-def test_a_nan_in_a_streamed_input_names_the_file_and_tensor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overflow", [False, True])
+def test_a_nan_in_a_streamed_input_names_the_file_and_tensor(tmp_path, monkeypatch, small_slices, overflow):
+    """Also where an earlier slice of the result overflows the fp16 save: the input's NaN is the error, as in the
+    whole-tensor run, which checks each input as it reads it."""
     bad = tmp_path / "models" / "code"
     shutil.copytree(MODELS / "code", bad)
     shard = sorted(bad.glob("*.safetensors"))[0]
     tensors = load_file(shard)
     name = next(n for n in tensors if n.endswith("mlp.up_proj.weight"))
     tensors[name].view(-1)[-1] = float("nan")
+    if overflow:
+        tensors[name].view(-1)[:10] = 2e5  # (a + b) / 2 beyond float16 (65504), in the first slice
     save_file(tensors, shard, metadata={"format": "pt"})
     path = tmp_path / "r.merge"
-    path.write_text(f'a = model("{MODELS / "base"}")\nb = model("{bad}")\nsave linear(a, b) to "{tmp_path / "out"}"\n')
+    path.write_text(f'a = model("{MODELS / "base"}")\nb = model("{bad}")\nsave linear(a, b) to "{tmp_path / "out"}" '
+                    '{ dtype = fp16 }\n')
+    with pytest.raises(CheckpointError) as whole:
+        run(path, device="cpu")
     monkeypatch.setenv("MGC_STREAM_BYTES", "0")
     with pytest.raises(CheckpointError) as e:
         run(path, device="cpu")
+    assert str(e.value) == str(whole.value)
     assert str(shard) in str(e.value) and f"'{name}'" in str(e.value) and "NaN or Inf" in str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -229,3 +238,14 @@ def test_a_kept_input_tensor_is_copied_a_slice_at_a_time(tmp_path, monkeypatch, 
     assert snapshot(tmp_path / "out") == whole
     assert watch.copies == kept and watch.ops > 0 and watch.whole == 0
     assert max(watch.reads) <= SLICE
+
+
+def test_without_positioned_reads_ranges_read_the_same(monkeypatch):
+    """Where os.preadv is missing (Windows), a range is read with a seek and a read under a lock."""
+    ckpt = Checkpoint.open(MODELS / "code")
+    name = next(n for n in ckpt.tensors if n.endswith("mlp.down_proj.weight"))
+    want = [ckpt.read(name), ckpt.read_flat(name, 5, 4099)]
+    monkeypatch.delattr(os, "preadv")
+    got = [ckpt.read(name), ckpt.read_flat(name, 5, 4099)]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    ckpt.close()

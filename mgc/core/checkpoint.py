@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,7 @@ class Checkpoint:
         self.files = files
         self.pickled = pickled
         self._handles: dict[Path, object] = {}
+        self._seek_lock = threading.Lock()
         self._state: Optional[dict] = None
 
     @classmethod
@@ -104,10 +106,10 @@ class Checkpoint:
         nbytes = (stop - start) * size
         buf = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            fd, begin = self._handle(info.file).fileno(), info.offset + start * size
+            handle, begin = self._handle(info.file), info.offset + start * size
             view, got = memoryview(buf.numpy()), 0
             while got < nbytes:  # one read(2) returns at most ~2 GiB on Linux: a big tensor takes several
-                step = os.preadv(fd, [view[got:]], begin + got)
+                step = self._read_at(handle, view[got:], begin + got)
                 if not step:
                     break
                 got += step
@@ -128,6 +130,14 @@ class Checkpoint:
                                  os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass  # only advice: the read itself reports what is wrong
+
+    def _read_at(self, handle, view: memoryview, offset: int) -> int:
+        """One positioned read: the read-ahead thread and a streamed merge read the same files at once."""
+        if hasattr(os, "preadv"):
+            return os.preadv(handle.fileno(), [view], offset)
+        with self._seek_lock:  # no positioned reads (Windows): one seek and read at a time
+            handle.seek(offset)
+            return handle.readinto(view)
 
     def _handle(self, file: Path):
         handle = self._handles.get(file)
