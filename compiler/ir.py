@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import networkx as nx
 
-from mgc.core.dtypes import DType, as_dtype
+from mgc.core.dtypes import DType, keep_dtype
 from mgc.core.errors import Span
 
 
@@ -46,9 +46,8 @@ class Stored:
     shape: tuple[int, ...]
     dtype: DType
 
-    def __post_init__(self) -> None:  # a torch dtype given (tests build payloads with them) becomes its DType
-        if type(self.dtype) is not DType:
-            object.__setattr__(self, "dtype", as_dtype(self.dtype))
+    def __post_init__(self) -> None:
+        keep_dtype(self)
 
     @property
     def nbytes(self) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 from mgc.stdlib.operator import Operator
 
-from mgc.core.dtypes import DType, as_dtype
+from mgc.core.dtypes import DType, keep_dtype
 from mgc.core.errors import RecipeTypeError, Span
 from .layer_kinds import rewrite_expert_rules
 from .layers import LAYER_COUNT_KEYS, LAYER_INDEX_LISTS, PER_LAYER_LISTS, LayerMap, Unplaced, numbered_prefix
@@ -24,9 +24,8 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: DType
 
-    def __post_init__(self) -> None:  # a torch dtype given becomes its DType
-        if type(self.dtype) is not DType:
-            object.__setattr__(self, "dtype", as_dtype(self.dtype))
+    def __post_init__(self) -> None:
+        keep_dtype(self)
 
 
 @dataclass(frozen=True)

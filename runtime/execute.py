@@ -88,16 +88,15 @@ def execute(
         writers = outputs.writers
         bar = _progress(graph, order, progress and world.rank == 0)
         streamed = streaming(graph, order, plan.program, dev.type)
-        unread = streamed.unread
         loads = [(n, graph.payload(n).nbytes, _reader(checkpoints, graph.payload(n))) for n in order
-                 if isinstance(graph.payload(n), Load) and n not in unread]
+                 if isinstance(graph.payload(n), Load) and n not in streamed.unread]
         reader = Prefetcher(loads, prefetch, pin=dev.type == "cuda")
         writer_thread = WriterThread(max_bytes=queue_bytes)
         for n in order:
             p = graph.payload(n)
             inputs = graph.inputs(n)
             if isinstance(p, Load):
-                if n not in unread:
+                if n not in streamed.unread:
                     values[n] = reader.take(n, p.nbytes)
                 stats.tensors_read += 1
                 stats.bytes_read += p.nbytes

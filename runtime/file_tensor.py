@@ -15,6 +15,7 @@ import torch
 
 from mgc.core.dtypes import torch_dtype
 from mgc.core.errors import CheckpointError
+from mgc.stdlib.slices import spans
 
 
 READ_AHEAD = 4  # slices asked of the kernel ahead of the one read
@@ -47,8 +48,7 @@ class FileTensor:
         return FileTensor(self.ckpt, self.name, self.check, start, stop, (stop - start,))
 
     def reshape(self, *shape) -> "FileTensor | torch.Tensor":
-        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        if dims in ((-1,), (self.numel(),)):
+        if _dims(shape) in ((-1,), (self.numel(),)):
             return self._flat(self.start, self.stop)
         return self.read().reshape(*shape)
 
@@ -67,8 +67,8 @@ class FileTensor:
 
     def check_all(self) -> None:
         """Read every slice, raising the CheckpointError of the first that holds NaN or Inf."""
-        for a in range(self.start, self.stop, SINK_SLICE):
-            self._read(a, min(a + SINK_SLICE, self.stop))
+        for a, b in spans(self.numel(), SINK_SLICE):
+            self._read(self.start + a, self.start + b)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if stop - start < self.stop - self.start:  # the next slices are read from the disk while this one is used
@@ -116,7 +116,7 @@ class SliceSink:
         return self._numel
 
     def view(self, *shape) -> "SliceSink":
-        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        dims = _dims(shape)
         if dims not in ((-1,), (self._numel,), tuple(self.shape)):
             raise TypeError(f"a streamed result is written flat, not as {dims}")
         return self
@@ -140,14 +140,14 @@ class SliceSink:
     def copy_(self, source) -> "SliceSink":
         """The whole result from `source` (a tensor or a FileTensor), a slice at a time."""
         flat = source.reshape(-1)
-        for a in range(0, self._numel, SINK_SLICE):
-            self.put(a, flat[a:min(a + SINK_SLICE, self._numel)])
+        for a, b in spans(self._numel, SINK_SLICE):
+            self.put(a, flat[a:b])
         return self
 
     def zero_(self) -> "SliceSink":
         zeros = torch.zeros(min(SINK_SLICE, self._numel), dtype=self.dtype)
-        for a in range(0, self._numel, SINK_SLICE):
-            self.put(a, zeros[: min(SINK_SLICE, self._numel - a)])
+        for a, b in spans(self._numel, SINK_SLICE):
+            self.put(a, zeros[: b - a])
         return self
 
     @property
@@ -156,6 +156,11 @@ class SliceSink:
 
 
 SINK_SLICE = 1 << 20
+
+
+def _dims(shape: tuple) -> tuple:
+    """reshape(*shape)'s dimensions, given as reshape(a, b) or reshape((a, b))."""
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
 
 
 class _SinkSlice:

@@ -141,9 +141,9 @@ def magnitude_cut(model: torch.Tensor, base: torch.Tensor, density: float) -> Op
     if density >= 1 or k >= n:
         return None
     high = _bit_counts(_magnitudes(model, base), lambda bits: bits >> 16)
-    h, above_h, _ = _rank_bin(high, k)
+    h, above_h = _rank_bin(high, k)
     low = _bit_counts(_magnitudes(model, base), lambda bits: bits[(bits >> 16) == h] & 0xFFFF)
-    lo, above_l, _ = _rank_bin(low, k - above_h)
+    lo, above_l = _rank_bin(low, k - above_h)
     threshold = float(torch.tensor([(h << 16) | lo], dtype=torch.int32).view(torch.float32))
     missing = k - above_h - above_l  # >= 1: the threshold is the k-th largest
     seen = 0
@@ -174,11 +174,11 @@ def _bit_counts(slices, key) -> torch.Tensor:
     return counts.cpu()
 
 
-def _rank_bin(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
-    """(the bin holding the k-th largest entry, how many entries lie in higher bins, how many in it)."""
+def _rank_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the bin holding the k-th largest entry, how many entries lie in higher bins)."""
     above = counts.flip(0).cumsum(0).flip(0) - counts  # entries in higher bins, per bin
     b = int(((above < k) & (above + counts >= k)).nonzero()[-1])
-    return b, int(above[b]), int(counts[b])
+    return b, int(above[b])
 
 
 def _cut(magnitudes: torch.Tensor, k: int) -> MagnitudeCut:

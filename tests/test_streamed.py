@@ -122,6 +122,17 @@ def test_operators_that_do_not_stream_read_whole(tmp_path, monkeypatch):
     assert watch.ops == 0
 
 
+def errors_whole_and_streamed(path: Path, monkeypatch, kind: type) -> tuple[Exception, Exception]:
+    """The error (of `kind`) of a run of `path` reading whole, then of one streaming every tensor."""
+    errors = []
+    for threshold in (str(1 << 40), "0"):
+        monkeypatch.setenv("MGC_STREAM_BYTES", threshold)
+        with pytest.raises(kind) as e:
+            run(path, device="cpu")
+        errors.append(e.value)
+    return errors[0], errors[1]
+
+
 @pytest.mark.parametrize("overflow", [False, True])
 def test_a_nan_in_a_streamed_input_names_the_file_and_tensor(tmp_path, monkeypatch, small_slices, overflow):
     """Also where an earlier slice of the result overflows the fp16 save: the input's NaN is the error, as in the
@@ -138,25 +149,17 @@ def test_a_nan_in_a_streamed_input_names_the_file_and_tensor(tmp_path, monkeypat
     path = tmp_path / "r.merge"
     path.write_text(f'a = model("{MODELS / "base"}")\nb = model("{bad}")\nsave linear(a, b) to "{tmp_path / "out"}" '
                     '{ dtype = fp16 }\n')
-    with pytest.raises(CheckpointError) as whole:
-        run(path, device="cpu")
-    monkeypatch.setenv("MGC_STREAM_BYTES", "0")
-    with pytest.raises(CheckpointError) as e:
-        run(path, device="cpu")
-    assert str(e.value) == str(whole.value)
-    assert str(shard) in str(e.value) and f"'{name}'" in str(e.value) and "NaN or Inf" in str(e.value)
+    whole, e = errors_whole_and_streamed(path, monkeypatch, CheckpointError)
+    assert str(e) == str(whole)
+    assert str(shard) in str(e) and f"'{name}'" in str(e) and "NaN or Inf" in str(e)
     assert not (tmp_path / "out").exists()
 
 
 def test_an_overflowing_slice_is_the_error_of_the_whole_tensor_run(tmp_path, monkeypatch):
     path = recipe(tmp_path, "linear(b, c, weights = [3000000, 3000000], normalize = false)", " { dtype = fp16 }")
-    with pytest.raises(MergeRuntimeError) as whole:
-        run(path, device="cpu")
-    monkeypatch.setenv("MGC_STREAM_BYTES", "0")
-    with pytest.raises(MergeRuntimeError) as streamed_error:
-        run(path, device="cpu")
-    assert str(streamed_error.value) == str(whole.value)
-    assert "NaN or Inf" in str(whole.value) and "float16" in str(whole.value)
+    whole, streamed_error = errors_whole_and_streamed(path, monkeypatch, MergeRuntimeError)
+    assert str(streamed_error) == str(whole)
+    assert "NaN or Inf" in str(whole) and "float16" in str(whole)
     assert not (tmp_path / "out").exists()
 
 

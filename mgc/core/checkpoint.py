@@ -102,7 +102,7 @@ class Checkpoint:
         straight into their own buffer: one copy, and no memory map whose touched pages would count against the
         process while the whole file streams through."""
         info = self.tensors[name]
-        size = info.nbytes // max(1, math.prod(info.shape))
+        size = info.dtype.itemsize
         nbytes = (stop - start) * size
         buf = torch.empty(nbytes, dtype=torch.uint8)
         try:
@@ -122,7 +122,7 @@ class Checkpoint:
     def will_read(self, name: str, start: int, stop: int) -> None:
         """Ask the kernel to start reading entries [start, stop) of `name` into the page cache, without waiting."""
         info = self.tensors[name]
-        size = info.nbytes // max(1, math.prod(info.shape))
+        size = info.dtype.itemsize
         stop = min(stop, math.prod(info.shape))
         if stop > start and hasattr(os, "posix_fadvise"):
             try:

@@ -112,6 +112,12 @@ def as_dtype(dtype: Any) -> DType:
     return found
 
 
+def keep_dtype(obj: Any) -> None:
+    """In a frozen dataclass's __post_init__: its `dtype` field, given as torch's dtype (a pickle's tensor, a test's
+    payload), becomes the DType."""
+    object.__setattr__(obj, "dtype", as_dtype(obj.dtype))
+
+
 def torch_dtype(dtype: Any) -> Any:
     """torch's dtype for a DType or a torch dtype (imports torch): for a torch call at the runtime's boundary."""
     return dtype.torch if type(dtype) is DType else dtype

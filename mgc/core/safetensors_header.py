@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from mgc.core.dtypes import SAFETENSORS, DType, DTypeTable, as_dtype
+from mgc.core.dtypes import SAFETENSORS, DType, DTypeTable, keep_dtype
 from mgc.core.errors import CheckpointError
 from mgc.core.paths import regular_file_size
 from mgc.core.strict_json import json_type, loads
@@ -28,8 +28,7 @@ class TensorInfo:
     offset: int = -1  # where its bytes start in the file (safetensors); -1 for pickles
 
     def __post_init__(self) -> None:
-        if type(self.dtype) is not DType:
-            object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        keep_dtype(self)
 
     @property
     def nbytes(self) -> int:
