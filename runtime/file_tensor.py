@@ -71,8 +71,11 @@ class FileTensor:
             self._read(self.start + a, self.start + b)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
-        if stop - start < self.stop - self.start:  # the next slices are read from the disk while this one is used
-            self.ckpt.will_read(self.name, stop, stop + READ_AHEAD * (stop - start))
+        n = stop - start
+        if n < self.stop - self.start:  # the next slices are read from the disk while this one is used: the whole
+            # window at the first slice, then the one slice that enters it (the others were asked for already)
+            self.ckpt.will_read(self.name, stop if start == self.start else stop + (READ_AHEAD - 1) * n,
+                                stop + READ_AHEAD * n)
         t = self.ckpt.read_flat(self.name, start, stop)
         if t.is_floating_point() and not self.check(t):
             info = self.ckpt.tensors[self.name]
